@@ -1,0 +1,8 @@
+"""curvlake: a Zarr data lake with Dask pipelines for looking inside trained neural networks."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("curvlake")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
