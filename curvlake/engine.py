@@ -1,0 +1,176 @@
+"""One way to get a Dask client: an existing scheduler, SLURM, local CUDA, local CPU, or sync.
+
+Pipelines never build clusters themselves: the CLI (or a library user) calls :func:`get_client`
+once, and pipelines submit to ``distributed.get_client()`` if a client exists, else run in the
+calling process (``cluster="sync"``, for debugging and tiny jobs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import dask
+from tqdm.auto import tqdm
+
+from curvlake.errors import UserInputError
+
+CLUSTERS = ("auto", "local", "cuda", "slurm", "sync")
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def get_client(
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    cluster: str = "auto",
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int = "auto",
+    **cluster_kwargs: Any,
+):
+    """Connect to or start the Dask cluster that runs pipelines.
+
+    Order: an existing scheduler (``address`` or ``scheduler_file``); else ``cluster``:
+    ``slurm`` (dask-jobqueue ``SLURMCluster``; ``cluster_kwargs`` go to it, ``n_workers`` jobs),
+    ``cuda`` (dask-cuda ``LocalCUDACluster``, one worker per GPU, ``GPU`` resource), ``local``
+    (``LocalCluster`` of processes sized to the machine), ``sync`` (no cluster: returns None and
+    computations run in this process). ``auto`` picks ``cuda`` when GPUs and dask-cuda are
+    present, else ``local``.
+
+    Returns:
+        A ``distributed.Client`` (closing it closes a cluster it started), or None for ``sync``.
+
+    Raises:
+        UserInputError: an unknown cluster name, or a cluster whose package is not installed.
+    """
+    if cluster not in CLUSTERS:
+        raise UserInputError(f"unknown cluster {cluster!r}; choose one of {', '.join(CLUSTERS)}")
+    if n_workers is not None and n_workers < 1:
+        raise UserInputError(f"--workers must be >= 1, got {n_workers}")
+    from distributed import Client, LocalCluster
+
+    if address or scheduler_file:
+        if address and scheduler_file:
+            raise UserInputError("give either a scheduler address or a scheduler file, not both")
+        if scheduler_file and not os.path.exists(scheduler_file):
+            raise UserInputError(f"scheduler file {scheduler_file} does not exist")
+        return Client(address, scheduler_file=scheduler_file, timeout="20s")
+    if cluster == "sync":
+        return None
+    if cluster == "auto":
+        cluster = "cuda" if _gpu_count() and _has_module("dask_cuda") else "local"
+    if cluster == "slurm":
+        if not _has_module("dask_jobqueue"):
+            raise UserInputError(
+                "--cluster slurm needs dask-jobqueue: pip install 'curvlake[slurm]'"
+            )
+        from dask_jobqueue import SLURMCluster
+
+        slurm = SLURMCluster(**cluster_kwargs)
+        slurm.scale(jobs=n_workers or 1)
+        return Client(slurm)
+    if cluster == "cuda":
+        if not _has_module("dask_cuda") or not _gpu_count():
+            raise UserInputError(
+                "--cluster cuda needs a CUDA GPU, cupy and dask-cuda: pip install 'curvlake[gpu]'"
+            )
+        from dask_cuda import LocalCUDACluster
+
+        cuda = LocalCUDACluster(
+            threads_per_worker=1, resources={"GPU": 1}, memory_limit=memory_limit, **cluster_kwargs
+        )
+        return Client(cuda)
+    cores = os.cpu_count() or 1
+    n_workers = n_workers or max(1, min(cores, 4))
+    threads_per_worker = threads_per_worker or max(1, cores // n_workers)
+    local = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=cluster_kwargs.pop("processes", True),
+        memory_limit=memory_limit,
+        dashboard_address=cluster_kwargs.pop("dashboard_address", None),
+        **cluster_kwargs,
+    )
+    return Client(local)
+
+
+@contextlib.contextmanager
+def client_session(**kwargs: Any) -> Iterator[Any]:
+    """``get_client`` as a context manager; ``sync`` also sets dask's synchronous scheduler."""
+    client = get_client(**kwargs)
+    if client is None:
+        with dask.config.set(scheduler="synchronous"):
+            yield None
+        return
+    try:
+        yield client
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and kwargs.get("address") is None:
+            cluster.close()
+
+
+def current_client():
+    """The active ``distributed.Client``, or None (run in this process)."""
+    try:
+        from distributed import get_client as _get
+
+        return _get()
+    except ValueError:
+        return None
+
+
+def run_tasks(
+    function: Callable[..., Any],
+    tasks: Sequence[tuple],
+    *,
+    description: str,
+    on_result: Callable[[Any, Any], None] | None = None,
+    resources: dict[str, int] | None = None,
+    progress: bool = True,
+) -> None:
+    """Run ``function(*args)`` for every ``args`` in ``tasks`` on the current client.
+
+    Without a client they run here, in order. Each task writes its own (owned) chunks and marks
+    its progress block itself, so an interruption loses at most the tasks in flight.
+    ``on_result(args, result)`` is called in this process as results arrive.
+    """
+    bar = tqdm(total=len(tasks), desc=description, unit="task", disable=not progress or not tasks)
+    client = current_client()
+    try:
+        if client is None:
+            for args in tasks:
+                result = function(*args)
+                if on_result:
+                    on_result(args, result)
+                bar.update()
+            return
+        from distributed import as_completed
+
+        futures = {
+            client.submit(function, *args, pure=False, resources=resources): args for args in tasks
+        }
+        for future in as_completed(futures):
+            result = future.result()
+            if on_result:
+                on_result(futures[future], result)
+            bar.update()
+    finally:
+        bar.close()

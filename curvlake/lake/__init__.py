@@ -1,0 +1,16 @@
+"""The lake: artifacts as Zarr v3 groups with a lifecycle, provenance and a catalog."""
+
+from curvlake.lake._artifact import ArtifactWriter, BlockProgress
+from curvlake.lake._ids import artifact_id, config_hash, kind_of
+from curvlake.lake._lake import ArtifactInfo, Lake, open_lake
+
+__all__ = [
+    "ArtifactInfo",
+    "ArtifactWriter",
+    "BlockProgress",
+    "Lake",
+    "artifact_id",
+    "config_hash",
+    "kind_of",
+    "open_lake",
+]

@@ -1,0 +1,274 @@
+"""Writing one artifact: staging, per-block progress, validation, commit.
+
+Lifecycle (DESIGN.md, "The lake contract")::
+
+    writer = lake.begin(kind, config, inputs)     # new, resumed from staging, or already complete
+    if not writer.complete:
+        writer.create_array(...)                  # idempotent: a resumed writer gets the array back
+        progress = writer.progress("blocks", n)   # one uint8 per block, one chunk per block
+        for block in progress.pending(): ...; progress.mark_done(block)
+        writer.commit()                           # validate, consolidate + status=complete, rename
+
+Every task of a pipeline owns whole chunks of the arrays it writes and marks its own progress
+block, so a killed pipeline, rerun, recomputes only the blocks not marked done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from curvlake.errors import LakeError, SchemaError
+from curvlake.storage_schema import ArrayInfo, ArtifactSpec, validate_arrays
+
+if TYPE_CHECKING:
+    from curvlake.lake._lake import Lake
+
+NS = "curvlake:"
+STATUS, KIND, VERSION, PROVENANCE = (
+    NS + "status",
+    NS + "kind",
+    NS + "schema_version",
+    NS + "provenance",
+)
+PROGRESS_GROUP = "_progress"
+
+warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+
+
+def compressors_for(dtype: np.dtype, compress: bool) -> tuple:
+    """Codecs of a stored chunk: optional zstd, then always a crc32c checksum.
+
+    Gradient and weight mantissas barely compress, so float data is stored uncompressed by
+    default (benchmarks/lake_io.py); the checksum makes corruption an error, not silent.
+    """
+    return (ZstdCodec(level=1), Crc32cCodec()) if compress else (Crc32cCodec(),)
+
+
+def array_infos(group: zarr.Group) -> dict[str, ArrayInfo]:
+    """Dims, shape and dtype of every array directly in ``group``."""
+    infos = {}
+    for name, array in group.arrays():
+        dims = array.metadata.dimension_names or tuple(f"dim_{i}" for i in range(array.ndim))
+        dtype = array.dtype
+        infos[name] = ArrayInfo(
+            tuple(dims),
+            tuple(array.shape),
+            np.dtype(dtype) if not isinstance(dtype, np.dtypes.StringDType) else np.dtype("O"),
+        )
+    return infos
+
+
+class BlockProgress:
+    """Which blocks of a pipeline are done: a uint8 array with one chunk per block.
+
+    Picklable (the zarr array pickles as its store path), so a Dask task marks its own block
+    after writing its chunks; the mark lands in a chunk no other task touches.
+    """
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.array.shape[0])
+
+    def done(self) -> np.ndarray:
+        """Boolean mask of finished blocks."""
+        return np.asarray(self.array[:]).astype(bool)
+
+    def pending(self) -> list[int]:
+        """Indices of blocks still to compute, in order."""
+        return [int(i) for i in np.flatnonzero(~self.done())]
+
+    def mark_done(self, block: int) -> None:
+        self.array[block] = 1
+
+
+class ArtifactWriter:
+    """Writes one artifact into ``<lake>/_staging/<id>`` and commits it into place."""
+
+    def __init__(
+        self,
+        lake: Lake,
+        spec: ArtifactSpec,
+        artifact_id: str,
+        config: Mapping[str, Any],
+        inputs: Sequence[str],
+        complete: bool,
+    ):
+        self.lake = lake
+        self.spec = spec
+        self.id = artifact_id
+        self.config = dict(config)
+        self.inputs = list(inputs)
+        self.complete = complete
+        self.resumed = False
+        self._group: zarr.Group | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Where the artifact is being written (the staging group)."""
+        return self.lake._staging_url(self.id)
+
+    @property
+    def group(self) -> zarr.Group:
+        if self.complete:
+            raise LakeError(f"artifact {self.id} is already complete; open it with lake.open()")
+        if self._group is None:
+            raise LakeError(f"artifact {self.id}: writer was not started")
+        return self._group
+
+    def _start(self, provenance: dict[str, Any]) -> None:
+        existing = self.lake._exists(self.url + "/zarr.json")
+        if existing:
+            group = zarr.open_group(self.url, mode="r+", zarr_format=3, use_consolidated=False)
+            self.resumed = True
+        else:
+            group = zarr.open_group(self.url, mode="w", zarr_format=3)
+            group.attrs.update(
+                {KIND: self.spec.kind, VERSION: self.spec.version, PROVENANCE: provenance}
+            )
+        group.attrs[STATUS] = "writing"
+        self._group = group
+
+    # -- arrays ------------------------------------------------------------------------------
+
+    def create_array(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: Any = None,
+        *,
+        chunks: Sequence[int] | None = None,
+        fill_value: Any = None,
+        compress: bool = False,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> zarr.Array:
+        """Create array ``name`` of the kind's schema (dims and chunking from the spec).
+
+        On a resumed writer the existing array is returned after checking it matches.
+        """
+        spec = self.spec.array(name)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != len(spec.dims):
+            raise SchemaError(
+                f"{self.spec.kind}.{name} has dims {spec.dims}; got a shape of rank {len(shape)}"
+            )
+        dtype = np.dtype(dtype or spec.storage_dtype()) if spec.dtype != "str" else str
+        if spec.dtype != "str" and not spec.accepts_dtype(dtype):
+            raise SchemaError(f"{self.spec.kind}.{name} must be {spec.dtype}, got {dtype}")
+        if name in self.group.array_keys():
+            array = self.group[name]
+            if tuple(array.shape) != shape:
+                raise LakeError(
+                    f"artifact {self.id}: staged array {name!r} has shape {array.shape}, "
+                    f"this run wants {shape}; remove the stale staging with `curvlake lake gc`"
+                )
+            return array
+        itemsize = 8 if dtype is str else np.dtype(dtype).itemsize
+        chunks = tuple(chunks) if chunks else spec.chunking(shape, itemsize, self.lake.chunk_bytes)
+        if fill_value is None and dtype is not str and np.issubdtype(dtype, np.floating):
+            fill_value = np.nan  # unwritten float chunks read as NaN, never as plausible zeros
+        array = self.group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            dimension_names=spec.dims,
+            fill_value=fill_value,
+            compressors=compressors_for(dtype, compress),
+            attributes=dict(attrs or {}),
+        )
+        return array
+
+    def write(self, name: str, data: Any, **kwargs: Any) -> zarr.Array:
+        """Create array ``name`` and write all of ``data`` into it (small arrays)."""
+        data = np.asarray(data)
+        dtype = None if data.dtype.kind in "OUT" else data.dtype
+        array = self.create_array(name, data.shape, dtype, **kwargs)
+        array[...] = data
+        return array
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Kind-specific attributes of the artifact group."""
+        self.group.attrs.update(attrs)
+
+    def progress(self, name: str, n_blocks: int) -> BlockProgress:
+        """The progress record of a blocked computation (created, or found on resume)."""
+        progress_group = self.group.require_group(PROGRESS_GROUP)
+        if name in progress_group.array_keys():
+            array = progress_group[name]
+            if array.shape != (n_blocks,):
+                raise LakeError(
+                    f"artifact {self.id}: staged progress {name!r} has {array.shape[0]} blocks, "
+                    f"this run has {n_blocks}; remove the stale staging with `curvlake lake gc`"
+                )
+        else:
+            array = progress_group.create_array(
+                name,
+                shape=(n_blocks,),
+                chunks=(1,),
+                dtype="uint8",
+                fill_value=0,
+                compressors=None,
+            )
+        return BlockProgress(array)
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def commit(self) -> str:
+        """Validate, consolidate with ``status=complete``, and move the artifact into place."""
+        group = self.group
+        if PROGRESS_GROUP in group.group_keys():
+            for name, array in group[PROGRESS_GROUP].arrays():
+                missing = int(array.shape[0] - np.count_nonzero(array[:]))
+                if missing:
+                    raise LakeError(
+                        f"artifact {self.id}: cannot commit, {missing} block(s) of {name!r} "
+                        "are not done"
+                    )
+            del group[PROGRESS_GROUP]
+        infos = array_infos(group)
+        attrs = dict(group.attrs)
+        validate_arrays(self.spec, infos, attrs, where=f"artifact {self.id}")
+        coords = [c for c in self.spec.coords() if c in infos]
+        group.attrs.update({"coordinates": " ".join(coords), STATUS: "complete"})
+        zarr.consolidate_metadata(group.store, path=group.path, zarr_format=3)
+        self.lake._publish(self.id)
+        self.complete = True
+        self._group = None
+        return self.id
+
+    def fail(self, message: str) -> None:
+        """Mark the staged artifact failed (it stays in staging to be resumed or collected)."""
+        if self._group is not None:
+            self._group.attrs.update({STATUS: "failed", NS + "error": message})
+        self.lake._release(self.id)
+
+
+def new_provenance(config: Mapping[str, Any], inputs: Sequence[str], config_hash: str) -> dict:
+    """Provenance attributes of a new artifact."""
+    from curvlake import __version__
+
+    return {
+        "package_version": __version__,
+        "config": json.loads(json.dumps(config)),
+        "config_hash": config_hash,
+        "inputs": list(inputs),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,427 @@
+"""The lake: a directory (or fsspec URL) of Zarr v3 artifact groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import fsspec
+import numpy as np
+import xarray as xr
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from curvlake.errors import (
+    ArtifactNotFoundError,
+    CorruptChunkError,
+    IncompleteArtifactError,
+    LakeError,
+    SchemaError,
+    UserInputError,
+)
+from curvlake.lake._artifact import (
+    KIND,
+    PROVENANCE,
+    STATUS,
+    VERSION,
+    ArtifactWriter,
+    array_infos,
+    new_provenance,
+)
+from curvlake.lake._ids import artifact_id, canonical_config, config_hash, kind_of
+from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, get_spec, validate_arrays
+
+LAKE_FORMAT = "curvlake-lake"
+LAKE_FORMAT_VERSION = "1.0"
+MARKER = "lake.json"
+STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """One line of the catalog."""
+
+    id: str
+    kind: str
+    status: str
+    created_at: str
+    inputs: list[str]
+    config: dict[str, Any] = field(repr=False)
+    url: str = field(repr=False)
+    schema_version: str = ""
+
+    @property
+    def config_summary(self) -> str:
+        """``key=value`` pairs of the scalar config entries, for listings."""
+        items = [
+            f"{k}={v}"
+            for k, v in self.config.items()
+            if isinstance(v, (str, int, float, bool)) and v not in ("", None)
+        ]
+        return " ".join(items)
+
+
+class _GuardedChunks:
+    """Array-like over a zarr array that names artifact and array when a chunk is corrupt."""
+
+    def __init__(self, array: zarr.Array, artifact: str, name: str):
+        self.array, self.artifact, self.name = array, artifact, name
+        self.shape, self.ndim = array.shape, array.ndim
+        self.dtype = (
+            np.dtype("O") if isinstance(array.dtype, np.dtypes.StringDType) else array.dtype
+        )
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except ValueError as error:
+            if "checksum" not in str(error):
+                raise
+            raise CorruptChunkError(
+                f"artifact {self.artifact}: array {self.name!r}: a chunk in {key} failed its "
+                "crc32c checksum, the stored data is corrupted; delete the artifact and "
+                "recompute it"
+            ) from error
+
+
+class Lake:
+    """A curvlake lake. Open one with :func:`open_lake`."""
+
+    def __init__(self, url: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/")
+        self.url = self.root if self.local else url.rstrip("/")
+        self.chunk_bytes = chunk_bytes
+
+    def __repr__(self) -> str:
+        return f"Lake({self.url!r})"
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _url(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def _staging_url(self, artifact: str) -> str:
+        # Object stores cannot rename: there the artifact is written in place and its status
+        # attribute (written last) is the commit marker.
+        return self._url(STAGING, artifact) if self.local else self._final_url(artifact)
+
+    def _final_url(self, artifact: str) -> str:
+        return self._url(kind_of(artifact), artifact)
+
+    def _exists(self, url: str) -> bool:
+        return self.fs.exists(url if self.local else fsspec.core.url_to_fs(url)[1])
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    def list(self, kind: str | None = None, **attr_filters: Any) -> list[ArtifactInfo]:
+        """Artifacts of the lake, complete ones and those in staging, oldest first.
+
+        Args:
+            kind: only this kind.
+            **attr_filters: keep artifacts whose config (or group attribute) ``name == value``.
+        """
+        if kind is not None:
+            get_spec(kind)
+        found: dict[str, ArtifactInfo] = {}
+        # Placed artifacts first, so a staged copy never hides a complete one.
+        markers = sorted(
+            self.fs.glob(self._path("*", "*", "zarr.json")),
+            key=lambda m: m.split("/")[-3] == STAGING,
+        )
+        for marker in markers:
+            art = marker.split("/")[-2]
+            if art in found:
+                continue
+            info = self._read_info(marker, art)
+            if info is not None and (kind is None or info.kind == kind):
+                found[art] = info
+        infos = [i for i in found.values() if _matches(i, attr_filters)]
+        return sorted(infos, key=lambda i: (i.created_at, i.id))
+
+    def _read_info(self, marker: str, art: str) -> ArtifactInfo | None:
+        try:
+            attrs = json.loads(self.fs.cat_file(marker)).get("attributes", {})
+        except (OSError, json.JSONDecodeError):
+            return None
+        if KIND not in attrs:
+            return None
+        provenance = attrs.get(PROVENANCE, {})
+        return ArtifactInfo(
+            id=art,
+            kind=attrs[KIND],
+            status=attrs.get(STATUS, "unknown"),
+            created_at=provenance.get("created_at", ""),
+            inputs=provenance.get("inputs", []),
+            config=provenance.get("config", {}),
+            url=marker.rsplit("/", 1)[0] if self.local else self._final_url(art),
+            schema_version=attrs.get(VERSION, ""),
+        )
+
+    def info(self, artifact: str) -> ArtifactInfo:
+        """Catalog entry of one artifact (complete or staged)."""
+        for url in (self._final_url(artifact), self._url(STAGING, artifact)):
+            marker = url + "/zarr.json"
+            path = marker if self.local else fsspec.core.url_to_fs(marker)[1]
+            if self.fs.exists(path):
+                info = self._read_info(path, artifact)
+                if info is not None:
+                    return info
+        raise ArtifactNotFoundError(
+            f"no artifact {artifact!r} in lake {self.url} (list them with `curvlake lake ls`)"
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def group(self, artifact: str) -> zarr.Group:
+        """The zarr group of a complete artifact (checked: complete, compatible schema)."""
+        info = self.info(artifact)
+        if info.status != "complete":
+            where = "staging" if self.local else "place"
+            raise IncompleteArtifactError(
+                f"artifact {artifact} is not complete (status: {info.status}, in {where}); "
+                "rerun the command that makes it to resume, or `curvlake lake gc` to remove it"
+            )
+        spec = get_spec(info.kind)
+        try:
+            major = int(str(info.schema_version).split(".")[0])
+        except ValueError:
+            major = -1
+        if major != spec.major:
+            raise SchemaError(
+                f"artifact {artifact} has {info.kind} schema version "
+                f"{info.schema_version or 'none'}, "
+                f"this curvlake reads version {spec.major}.x; use a matching curvlake version"
+            )
+        return zarr.open_group(self._final_url(artifact), mode="r", zarr_format=3)
+
+    def open(self, artifact: str) -> xr.Dataset:
+        """A lazy, dask-backed xarray Dataset of a complete artifact.
+
+        Chunks are the stored chunks; a corrupted chunk raises CorruptChunkError naming the
+        artifact and array when it is read.
+        """
+        group = self.group(artifact)
+        attrs = dict(group.attrs)
+        coord_names = set(attrs.pop("coordinates", "").split())
+        variables, coords = {}, {}
+        for name, array in group.arrays():
+            dims = array.metadata.dimension_names
+            variable = xr.Variable(
+                dims, _dask_array(array, artifact, name), attrs=dict(array.attrs)
+            )
+            (coords if name in coord_names or name in dims else variables)[name] = variable
+        return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+    def validate(self, artifact: str, check_chunks: bool = True) -> None:
+        """Check an artifact against its schema and (optionally) every chunk's checksum."""
+        group = self.group(artifact)
+        spec = get_spec(group.attrs[KIND])
+        validate_arrays(spec, array_infos(group), dict(group.attrs), where=f"artifact {artifact}")
+        if check_chunks:
+            blocks = [
+                _dask_array(array, artifact, name).map_blocks(_nothing, dtype=bool)
+                for name, array in group.arrays()
+                if array.size
+            ]
+            da.compute(*blocks)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def begin(
+        self, kind: str, config: Mapping[str, Any], inputs: Sequence[str] = ()
+    ) -> ArtifactWriter:
+        """Start (or resume, or find complete) the artifact of ``kind`` for ``config`` + inputs."""
+        spec = get_spec(kind)
+        config = canonical_config(config)
+        inputs = list(inputs)
+        for input_id in inputs:
+            if self.info(input_id).status != "complete":
+                raise IncompleteArtifactError(f"input artifact {input_id} is not complete")
+        art = artifact_id(kind, config, inputs)
+        if self._is_complete(art):
+            return ArtifactWriter(self, spec, art, config, inputs, complete=True)
+        writer = ArtifactWriter(self, spec, art, config, inputs, complete=False)
+        self._acquire(art)
+        writer._start(new_provenance(config, inputs, config_hash(config)))
+        return writer
+
+    def _is_complete(self, artifact: str) -> bool:
+        try:
+            return self.info(artifact).status == "complete" and self._exists(
+                self._final_url(artifact) + "/zarr.json"
+            )
+        except ArtifactNotFoundError:
+            return False
+
+    def _lock_path(self, artifact: str) -> str:
+        return self._path(STAGING, artifact + ".lock")
+
+    def _acquire(self, artifact: str) -> None:
+        """Refuse to write an artifact that a live process on this host is writing."""
+        if not self.local:
+            return
+        Path(self._path(STAGING)).mkdir(parents=True, exist_ok=True)
+        lock = Path(self._lock_path(artifact))
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder != me and _alive(holder):
+                raise LakeError(
+                    f"artifact {artifact} is being written by process {holder.get('pid')} on "
+                    f"{holder.get('host')}; wait for it to finish"
+                ) from None
+            lock.write_text(json.dumps(me))
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(me))
+
+    def _release(self, artifact: str) -> None:
+        if self.local:
+            Path(self._lock_path(artifact)).unlink(missing_ok=True)
+
+    def _publish(self, artifact: str) -> None:
+        """Move a committed artifact from staging into ``<kind>/`` (atomic rename on POSIX)."""
+        if self.local:
+            final = Path(self._path(kind_of(artifact), artifact))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._path(STAGING, artifact), final)
+        self._release(artifact)
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove stale staging (not being written by a live process) and ``.partial`` debris.
+
+        Complete artifacts are never touched. Returns the removed paths.
+        """
+        removed: list[str] = []
+        for path in self.fs.glob(self._path(STAGING, "*")):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".lock"):
+                continue
+            lock = Path(self._lock_path(name))
+            if self.local and lock.exists():
+                try:
+                    holder = json.loads(lock.read_text())
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                if _alive(holder):
+                    continue
+            removed.append(path)
+            if not dry_run:
+                self.fs.rm(path, recursive=True)
+                if self.local:
+                    lock.unlink(missing_ok=True)
+        if not self.local:
+            for info in self.list():
+                if info.status != "complete":
+                    removed.append(info.url)
+                    if not dry_run:
+                        self.fs.rm(fsspec.core.url_to_fs(info.url)[1], recursive=True)
+        for path in self.fs.glob(self._path("**", "*.partial")):
+            removed.append(path)
+            if not dry_run:
+                self.fs.rm(path)
+        return removed
+
+
+def _dask_array(array: zarr.Array, artifact: str, name: str) -> da.Array:
+    """A dask array over the stored chunks that names artifact and array on corruption."""
+    guarded = _GuardedChunks(array, artifact, name)
+    return da.from_array(
+        guarded,
+        chunks=array.chunks,
+        name=f"{artifact}-{name}",
+        asarray=False,
+        meta=np.empty((0,) * array.ndim, dtype=guarded.dtype),
+    )
+
+
+def _nothing(block: np.ndarray) -> np.ndarray:
+    return np.zeros((1,) * block.ndim, dtype=bool)
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the process recorded in a lock still runs (only knowable on this host)."""
+    if holder.get("host") != socket.gethostname() or "pid" not in holder:
+        return holder.get("host") not in (None, socket.gethostname())
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _matches(info: ArtifactInfo, filters: Mapping[str, Any]) -> bool:
+    for key, wanted in filters.items():
+        value: Any = info.config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value != wanted:
+            return False
+    return True
+
+
+def open_lake(url: str | os.PathLike[str], create: bool = False, **kwargs: Any) -> Lake:
+    """Open the lake at a local path or fsspec URL.
+
+    Args:
+        url: a directory or an fsspec URL (``s3://bucket/lake``, ``memory://lake``...).
+        create: create the lake if it does not exist.
+        **kwargs: passed to :class:`Lake` (``chunk_bytes``).
+
+    Raises:
+        LakeError: the path is not a lake (and ``create`` is false), or is a lake of a newer
+            incompatible format.
+    """
+    lake = Lake(str(url), **kwargs)
+    marker = lake._path(MARKER)
+    if lake.fs.exists(marker):
+        try:
+            meta = json.loads(lake.fs.cat_file(marker))
+        except json.JSONDecodeError as error:
+            raise LakeError(f"{marker} is not valid JSON: {error}") from None
+        if meta.get("format") != LAKE_FORMAT:
+            raise LakeError(
+                f"{url} is not a curvlake lake ({marker} has format {meta.get('format')!r})"
+            )
+        major = str(meta.get("format_version", "0")).split(".")[0]
+        if major != LAKE_FORMAT_VERSION.split(".")[0]:
+            raise LakeError(
+                f"lake {url} has format version {meta.get('format_version')}, this curvlake reads "
+                f"{LAKE_FORMAT_VERSION.split('.')[0]}.x; upgrade curvlake to read it"
+            )
+        return lake
+    if not create:
+        raise LakeError(
+            f"{url} is not a curvlake lake (no {MARKER}); create one with `curvlake lake init` "
+            "or open_lake(path, create=True)"
+        )
+    if lake.local:
+        existing = Path(lake.root)
+        if existing.is_file():
+            raise UserInputError(f"{url} is a file, not a directory")
+        if existing.is_dir() and any(existing.iterdir()):
+            raise LakeError(f"{url} exists, is not empty and is not a lake; choose another path")
+    lake.fs.makedirs(lake.root, exist_ok=True)
+    with lake.fs.open(marker, "w") as handle:
+        handle.write(json.dumps({"format": LAKE_FORMAT, "format_version": LAKE_FORMAT_VERSION}))
+    return lake

@@ -1,0 +1,149 @@
+"""``run``: a training run — checkpoints as flat parameter vectors, optimizer state, metrics."""
+
+import numpy as np
+
+from curvlake.storage_schema._spec import (
+    ArraySpec,
+    ArtifactSpec,
+    AttrSpec,
+    one_row_per_chunk,
+    whole_array,
+)
+
+
+def _example():
+    rng = np.random.default_rng(0)
+    n_ckpt, n_param, n_epoch = 3, 10, 4
+    arrays = {
+        "theta": rng.standard_normal((n_ckpt, n_param)).astype(np.float32),
+        "opt_state": rng.standard_normal((n_ckpt, 1, n_param)).astype(np.float32),
+        "opt_slot": np.array(["momentum_buffer"], dtype=object),
+        "opt_step": np.arange(n_ckpt, dtype=np.int64),
+        "checkpoint_epoch": np.array([0, 2, 4], dtype=np.int64),
+        "layer": np.array(["fc.weight", "fc.bias"], dtype=object),
+        "layer_offset": np.array([0, 8], dtype=np.int64),
+        "layer_size": np.array([8, 2], dtype=np.int64),
+        "layer_shape": np.array(["2,4", "2"], dtype=object),
+        "epoch": np.arange(n_epoch + 1, dtype=np.int64),
+        "lr": np.full(n_epoch + 1, 0.1),
+        "train_loss": rng.random(n_epoch + 1),
+        "train_accuracy": rng.random(n_epoch + 1),
+        "val_loss": rng.random(n_epoch + 1),
+        "val_accuracy": rng.random(n_epoch + 1),
+        "test_loss": rng.random(n_epoch + 1),
+        "test_accuracy": rng.random(n_epoch + 1),
+    }
+    attrs = {
+        "model": "mlp",
+        "dataset": "digits",
+        "num_classes": 2,
+        "input_shape": [4],
+        "optimizer": "sgd",
+    }
+    return arrays, attrs
+
+
+def _metric(name: str, what: str) -> ArraySpec:
+    return ArraySpec(name, ("epoch",), "float64", what, chunking=whole_array)
+
+
+SPEC = ArtifactSpec(
+    kind="run",
+    version="1.0",
+    description=(
+        "A training run. `theta[c]` is the flat float32 parameter vector of checkpoint `c` "
+        "(parameters concatenated in `model.named_parameters()` order, as described by the layer "
+        "table); `opt_state[c]` the optimizer's per-parameter state at that checkpoint, so a run "
+        "resumes from any checkpoint bit-exactly. Metrics are per epoch; epoch 0 is the "
+        "initial model (its train metrics are NaN since no training happened). The full "
+        "training config is in the provenance."
+    ),
+    arrays=(
+        ArraySpec(
+            "theta",
+            ("checkpoint", "param"),
+            "float32",
+            "flat parameters, one chunk row per checkpoint",
+            chunking=one_row_per_chunk,
+        ),
+        ArraySpec(
+            "opt_state",
+            ("checkpoint", "opt_slot", "param"),
+            "float32",
+            "optimizer state per parameter (e.g. momentum buffer, Adam moments)",
+            chunking=one_row_per_chunk,
+        ),
+        ArraySpec(
+            "opt_slot",
+            ("opt_slot",),
+            "str",
+            "names of the optimizer state slots",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "opt_step",
+            ("checkpoint",),
+            "int64",
+            "optimizer steps taken at the checkpoint",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "checkpoint_epoch",
+            ("checkpoint",),
+            "int64",
+            "epoch of each checkpoint (0 = init)",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "layer",
+            ("layer",),
+            "str",
+            "parameter tensor names",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "layer_offset",
+            ("layer",),
+            "int64",
+            "offset of the tensor in `param`",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "layer_size",
+            ("layer",),
+            "int64",
+            "number of entries of the tensor",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "layer_shape",
+            ("layer",),
+            "str",
+            "tensor shape, comma separated",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec("epoch", ("epoch",), "int64", "epoch index", role="coord", chunking=whole_array),
+        _metric("lr", "learning rate used during the epoch"),
+        _metric("train_loss", "mean training loss over the epoch (noisy labels)"),
+        _metric("train_accuracy", "training accuracy over the epoch (noisy labels)"),
+        _metric("val_loss", "validation loss at the end of the epoch"),
+        _metric("val_accuracy", "validation accuracy at the end of the epoch"),
+        _metric("test_loss", "test loss at the end of the epoch"),
+        _metric("test_accuracy", "test accuracy at the end of the epoch"),
+    ),
+    attrs=(
+        AttrSpec("model", "model zoo name (or `custom`)"),
+        AttrSpec("dataset", "dataset name or dataset artifact id"),
+        AttrSpec("num_classes", "number of classes"),
+        AttrSpec("input_shape", "shape of one input"),
+        AttrSpec("optimizer", "sgd or adam"),
+    ),
+    example=_example,
+)

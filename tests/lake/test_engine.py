@@ -1,0 +1,54 @@
+"""The engine: one way to get a client; tasks run on a real LocalCluster or in-process."""
+
+import numpy as np
+import pytest
+
+from curvlake.engine import client_session, current_client, get_client, run_tasks
+from curvlake.errors import UserInputError
+from curvlake.lake import open_lake
+
+
+def _square_into(array, block):
+    array[block] = block * block
+    return block
+
+
+def test_bad_cluster_options():
+    with pytest.raises(UserInputError, match="unknown cluster 'kubernetes'"):
+        get_client(cluster="kubernetes")
+    with pytest.raises(UserInputError, match="--workers must be >= 1"):
+        get_client(cluster="local", n_workers=0)
+    with pytest.raises(UserInputError, match="does not exist"):
+        get_client(scheduler_file="/nonexistent/scheduler.json")
+
+
+def test_sync_runs_in_process(tmp_path):
+    with client_session(cluster="sync") as client:
+        assert client is None and current_client() is None
+        seen = []
+        run_tasks(
+            lambda x: x + 1,
+            [(1,), (2,)],
+            description="t",
+            progress=False,
+            on_result=lambda args, r: seen.append(r),
+        )
+    assert seen == [2, 3]
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_tasks_on_local_cluster_write_owned_chunks(tmp_path, n_workers):
+    lake = open_lake(tmp_path, create=True)
+    writer = lake.begin("dataset", {"n_workers": n_workers})
+    progress = writer.progress("blocks", 6)
+    with client_session(
+        cluster="local", n_workers=n_workers, threads_per_worker=1, processes=False
+    ) as client:
+        assert current_client() is client
+        run_tasks(
+            _square_into,
+            [(progress.array, b) for b in progress.pending()],
+            description="blocks",
+            progress=False,
+        )
+    np.testing.assert_array_equal(progress.array[:], [0, 1, 4, 9, 16, 25])
