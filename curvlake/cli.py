@@ -180,6 +180,157 @@ def lake_gc(settings: Settings, dry_run):
     click.echo(f"{verb} {len(removed)} item(s)")
 
 
+# -- data and runs ------------------------------------------------------------------------------
+
+
+def _parse_assignments(items: tuple[str, ...], what: str) -> dict:
+    """``KEY=VALUE`` pairs, values parsed as YAML scalars/lists (``k=8``, ``widths=[64,32]``)."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+@cli.group(cls=_Group)
+def data():
+    """Bring your own data into the lake."""
+
+
+@data.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels .npy for an .npy input.")
+@click.option("--name", help="Name of the dataset (default: the file name).")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Default: largest label + 1.")
+@pass_settings
+def data_import(settings: Settings, path, labels, name, num_classes):
+    """Store inputs and integer labels (.npz with x, y[, x_test, y_test], or .npy + --labels)."""
+    from curvlake.pipelines.data import import_dataset
+
+    dataset_id = import_dataset(settings.lake(create=True), path, labels=labels, name=name,
+                                num_classes=num_classes)
+    click.echo(dataset_id)
+    click.echo(f"train on it with: curvlake train --dataset {dataset_id} ...")
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML/JSON file of training options.")
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False),
+              help="YAML/JSON grid: list values expand into the Cartesian product of runs.")
+@click.option("--model", help="Model zoo name (mlp, mnist_mini, cnn5_k, resnet18_k, ...).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Model parameter, e.g. --param k=8 (repeatable).")
+@click.option("--dataset", help="digits, mnist, cifar10, cifar100, a .npz file or dataset-<id>.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder of dataset files.")
+@click.option("--epochs", type=click.IntRange(min=0))
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]))
+@click.option("--label-noise", type=click.FloatRange(0, 1))
+@click.option("--seed", type=int)
+@click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every E epochs.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other training option, e.g. --set warmup_epochs=5 (repeatable).")
+@pass_settings
+def train(settings: Settings, config_file, grid_file, model, params, dataset, data_dir, epochs,
+          lr, batch_size, optimizer, label_noise, seed, save_every, device, overrides):
+    """Train a model (or a grid of models) with checkpoints in the lake; resumable."""
+    from curvlake.nn.grids import expand_train_grid, load_grid
+    from curvlake.pipelines.train import run_grid, run_train
+
+    options = _load_options(config_file) if config_file else {}
+    named = {"model": model, "dataset": dataset, "data_dir": data_dir, "epochs": epochs,
+             "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+             "label_noise": label_noise, "seed": seed, "save_every": save_every,
+             "device": device}
+    options.update({k: v for k, v in named.items() if v is not None})
+    options.update(_parse_assignments(overrides, "--set"))
+    if params:
+        options["model_params"] = {**options.get("model_params", {}),
+                                   **_parse_assignments(params, "--param")}
+    lake_ = settings.lake(create=True)
+    if grid_file:
+        configs = expand_train_grid(load_grid(grid_file))
+        configs = [c.__class__.from_dict({**c.to_dict(), **options}) for c in configs]
+        click.echo(f"grid of {len(configs)} runs")
+        with settings.cluster_session():
+            run_ids = run_grid(lake_, configs)
+        for run_id, config in zip(run_ids, configs, strict=True):
+            click.echo(f"{run_id}  {config.model} {config.model_params}")
+        return
+    run_id = run_train(lake_, options)
+    _print_run(lake_, run_id)
+
+
+def _load_options(path: str) -> dict:
+    import yaml
+
+    try:
+        options = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"no such file: {path}", param_hint="--config") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of options", param_hint="--config")
+    return options
+
+
+def _print_run(lake_: Lake, run_id: str) -> None:
+    ds = lake_.open(run_id)
+    last = {name: float(ds[name][-1]) for name in ("train_accuracy", "test_accuracy")}
+    click.echo(
+        f"{run_id}  {ds.attrs['model']}  {ds.sizes['param']} parameters  "
+        f"{ds.sizes['checkpoint']} checkpoints  train acc {last['train_accuracy']:.3f}  "
+        f"test acc {last['test_accuracy']:.3f}"
+    )
+
+
+@cli.group(cls=_Group)
+def runs():
+    """Import models trained elsewhere, export checkpoints."""
+
+
+@runs.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--model", help="Zoo name when PATH is a state_dict; omit for TorchScript/pickle.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model parameter.")
+@click.option("--num-classes", type=click.IntRange(min=1), required=True)
+@click.option("--input-shape", required=True, help="Shape of one input, e.g. 3,32,32.")
+@click.option("--dataset", default="unknown", show_default=True)
+@pass_settings
+def runs_import(settings: Settings, path, model, params, num_classes, input_shape, dataset):
+    """Store a torch state_dict (zoo model) or a TorchScript/pickled module as a run."""
+    from curvlake.pipelines.runs import import_run
+
+    try:
+        shape = [int(v) for v in input_shape.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{input_shape!r} is not like 3,32,32",
+                                 param_hint="--input-shape") from None
+    run_id = import_run(settings.lake(create=True), path, model=model,
+                        model_params=_parse_assignments(params, "--param"),
+                        num_classes=num_classes, input_shape=shape, dataset=dataset)
+    click.echo(run_id)
+
+
+@runs.command("export")
+@click.argument("run_id")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", type=int, default=-1, show_default=True,
+              help="Checkpoint index (negative: from the end).")
+@pass_settings
+def runs_export(settings: Settings, run_id, path, checkpoint):
+    """Write a checkpoint's state_dict to PATH (torch.save)."""
+    from curvlake.pipelines.runs import export_state_dict
+
+    click.echo(f"wrote {export_state_dict(settings.lake(), run_id, path, checkpoint)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="curvlake")

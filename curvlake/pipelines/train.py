@@ -1,0 +1,215 @@
+"""Training runs into the lake: ``run_train`` writes (and resumes) one ``run`` artifact.
+
+Checkpoint ``c`` of a run is written as one chunk row of ``theta``, ``opt_state`` and
+``buffers``, then marked done in the ``checkpoints`` progress record. A killed run, restarted
+with the same config, restores the last finished checkpoint (parameters, buffers, optimizer
+state) and continues; since every epoch's randomness is derived from ``(seed, epoch)``, it ends
+with exactly the weights of an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvlake.engine import current_client, run_tasks
+from curvlake.lake import ArtifactWriter, Lake, open_lake
+from curvlake.lake.checkpoints import (
+    LayerTable,
+    assign_buffers,
+    assign_parameters,
+    buffer_table,
+    flatten_buffers,
+    flatten_optimizer_state,
+    flatten_parameters,
+    optimizer_slots,
+    parameter_table,
+    restore_optimizer_state,
+)
+from curvlake.nn.datasets import Splits
+from curvlake.nn.training import (
+    TrainConfig,
+    checkpoint_epochs,
+    evaluate,
+    load_training_data,
+    make_model,
+    make_optimizer,
+    resolve_device,
+    train_epochs,
+    with_label_noise,
+)
+from curvlake.pipelines.data import is_dataset_id, load_dataset_artifact
+
+METRICS = ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+           "test_accuracy")
+
+
+def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    """A validated ``TrainConfig`` from a config or a mapping of options."""
+    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+
+
+def training_data(lake: Lake, config: TrainConfig) -> tuple[Splits, np.ndarray, list[str]]:
+    """Splits with label noise applied, clean train labels, and the input artifact ids."""
+    if is_dataset_id(config.dataset):
+        splits = load_dataset_artifact(
+            lake, config.dataset, split_seed=config.split_seed, val_size=config.val_size,
+            standardize=config.standardize,
+        )
+        return with_label_noise(splits, config), splits.train.y, [config.dataset]
+    splits, clean = load_training_data(config)
+    return splits, clean, []
+
+
+def write_model_tables(writer: ArtifactWriter, model: torch.nn.Module) -> None:
+    """The layer table (and buffer table, when the model has buffers) of a run."""
+    table = parameter_table(model)
+    writer.write("layer", np.array(table.names, dtype=object))
+    writer.write("layer_offset", table.offsets)
+    writer.write("layer_size", table.sizes)
+    writer.write("layer_shape", table.shape_strings())
+    buffers = buffer_table(model)
+    if buffers.names:
+        writer.write("buffer", np.array(buffers.names, dtype=object))
+        writer.write("buffer_shape", buffers.shape_strings())
+        writer.write("buffer_dtype", np.array(buffers.dtypes, dtype=object))
+
+
+def run_train(
+    lake: Lake | str, config: TrainConfig | Mapping[str, Any], *, progress: bool = True
+) -> str:
+    """Train one model, checkpointing into the lake; return the ``run`` artifact id.
+
+    Rerunning with the same config returns the complete run, or resumes a killed one from its
+    last finished checkpoint.
+    """
+    lake = open_lake(lake) if isinstance(lake, str) else lake
+    config = as_train_config(config)
+    splits, clean_labels, inputs = training_data(lake, config)
+    writer = lake.begin("run", config.to_dict(), inputs)
+    if writer.complete:
+        return writer.id
+    try:
+        _train_into(writer, config, splits, clean_labels, progress)
+    except BaseException as error:
+        writer.fail(f"{type(error).__name__}: {error}")
+        raise
+    return writer.commit()
+
+
+def _train_into(
+    writer: ArtifactWriter,
+    config: TrainConfig,
+    splits: Splits,
+    clean_labels: np.ndarray,
+    progress: bool,
+) -> None:
+    device = resolve_device(config.device)
+    model = make_model(config, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    epochs = checkpoint_epochs(config)
+    n_params = parameter_table(model).total
+    n_buffers = buffer_table(model).total
+    slots = optimizer_slots(optimizer)
+    steps_per_epoch = -(-len(splits.train) // config.batch_size)
+
+    theta = writer.create_array("theta", (len(epochs), n_params))
+    opt_state = writer.create_array("opt_state", (len(epochs), len(slots), n_params))
+    buffers = writer.create_array("buffers", (len(epochs), n_buffers)) if n_buffers else None
+    opt_step = writer.create_array("opt_step", (len(epochs),), "int64")
+    writer.write("opt_slot", np.array(slots, dtype=object))
+    writer.write("checkpoint_epoch", np.array(epochs, dtype=np.int64))
+    writer.write("epoch", np.arange(config.epochs + 1, dtype=np.int64))
+    metric_arrays = {m: writer.create_array(m, (config.epochs + 1,), "float64") for m in METRICS}
+    done = writer.progress("checkpoints", len(epochs))
+
+    finished = int(np.argmin(np.append(done.done(), False)))  # contiguous finished prefix
+    history = {m: np.asarray(a[:], dtype=np.float64) for m, a in metric_arrays.items()}
+    if finished:
+        index = finished - 1
+        assign_parameters(model, theta[index])
+        if buffers is not None:
+            assign_buffers(model, buffers[index])
+        restore_optimizer_state(optimizer, opt_state[index], int(opt_step[index]))
+        start_epoch = epochs[index]
+    else:
+        start_epoch = 0
+        for split in ("val", "test"):
+            result = evaluate(model, splits.split(split).x, splits.split(split).y,
+                              config.eval_batch_size, device)
+            history[f"{split}_loss"][0] = result["loss"]
+            history[f"{split}_accuracy"][0] = result["accuracy"]
+
+    def save(epoch: int) -> None:
+        for name, values in history.items():
+            metric_arrays[name][:] = values
+        index = epochs.index(epoch)
+        theta[index] = flatten_parameters(model)
+        if buffers is not None:
+            buffers[index] = flatten_buffers(model)
+        opt_state[index] = flatten_optimizer_state(optimizer)
+        opt_step[index] = epoch * steps_per_epoch
+        done.mark_done(index)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        for name in METRICS:
+            history[name][epoch] = metrics.get(name, np.nan)
+        if epoch in epochs:
+            save(epoch)
+
+    if not finished:
+        save(0)
+    train_epochs(
+        model, optimizer, splits.train, config,
+        start_epoch=start_epoch, device=device,
+        eval_splits={"val": splits.val, "test": splits.test},
+        pad_value=splits.pad_value, on_epoch_end=on_epoch_end, progress=progress,
+    )
+    write_model_tables(writer, model)
+    writer.write("train_label", splits.train.y)
+    writer.write("train_clean_label", clean_labels)
+    writer.write("train_sample_id", splits.train.sample_id)
+    writer.set_attrs(
+        model=config.model,
+        model_params=dict(config.model_params),
+        dataset=config.dataset,
+        num_classes=int(splits.num_classes),
+        input_shape=[int(s) for s in splits.input_shape],
+        optimizer=config.optimizer,
+        standardize_mean=[float(v) for v in np.ravel(splits.mean)],
+        standardize_std=[float(v) for v in np.ravel(splits.std)],
+    )
+
+
+def _train_task(lake_url: str, options: dict[str, Any]) -> str:
+    torch.set_num_threads(1)  # one run per worker thread; parallelism comes from the cluster
+    return run_train(lake_url, options, progress=False)
+
+
+def run_grid(
+    lake: Lake | str, configs: Sequence[TrainConfig | Mapping[str, Any]], *, progress: bool = True
+) -> list[str]:
+    """Train every config of a grid as one task each on the current Dask cluster.
+
+    Complete runs are skipped (their ids are returned at once); killed ones resume.
+    """
+    lake = open_lake(lake) if isinstance(lake, str) else lake
+    configs = [as_train_config(c) for c in configs]
+    ids: dict[int, str] = {}
+    if current_client() is None:
+        return [run_train(lake, c, progress=progress) for c in configs]
+    tasks = [(i, lake.url, c.to_dict()) for i, c in enumerate(configs)]
+
+    def record(args, result):
+        ids[args[0]] = result
+
+    run_tasks(lambda i, url, options: _train_task(url, options), tasks,
+              description="runs", on_result=record, progress=progress)
+    return [ids[i] for i in range(len(configs))]
+
+
+__all__ = ["LayerTable", "as_train_config", "run_grid", "run_train", "training_data"]
