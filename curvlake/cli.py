@@ -331,6 +331,35 @@ def runs_export(settings: Settings, run_id, path, checkpoint):
     click.echo(f"wrote {export_state_dict(settings.lake(), run_id, path, checkpoint)}")
 
 
+@cli.command()
+@pass_settings
+def quickstart(settings: Settings):
+    """Train a small MLP and CNN on the bundled digits and analyse them, into --lake."""
+    import time
+
+    from curvlake.pipelines.quickstart import run_quickstart
+
+    start = time.perf_counter()
+    lake_ = settings.lake(create=True)
+    with settings.cluster_session():
+        result = run_quickstart(lake_, echo=click.echo)
+    click.echo(f"\nquickstart done in {time.perf_counter() - start:.0f} s; lake {lake_.url}:")
+    for run_id in result.runs.values():
+        _print_run(lake_, run_id)
+    for role, artifact in result.artifacts.items():
+        click.echo(f"{artifact}  {role}")
+    for role, figure in result.figures.items():
+        click.echo(f"figure ({role}): {figure}")
+    some_run = next(iter(result.runs.values()))
+    click.echo(
+        "\nlist everything:   curvlake --lake {0} lake ls\n"
+        "open with xarray:  python -c \"import xarray as xr; "
+        "print(xr.open_zarr('{1}/run/{2}'))\"\n"
+        "or:                python -c \"import curvlake; "
+        "print(curvlake.open_lake('{1}').open('{2}'))\"".format(lake_.url, lake_.url, some_run)
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="curvlake")
