@@ -85,8 +85,10 @@ def main():
     nbytes = n * p * 4
     scratch = Path(tempfile.mkdtemp(dir=args.dir, prefix="curvlake-lake-io-"))
     rows = 256  # 32 MiB chunks
-    print(f"matrix {n} x {p} float32 = {nbytes / 2**30:.2f} GiB, chunks of {rows} rows "
-          f"({rows * p * 4 / 2**20:.0f} MiB)")
+    print(
+        f"matrix {n} x {p} float32 = {nbytes / 2**30:.2f} GiB, chunks of {rows} rows "
+        f"({rows * p * 4 / 2**20:.0f} MiB)"
+    )
     results = {}
     try:
         # numpy: build in memory, save, load.
@@ -94,7 +96,7 @@ def main():
             base = _baseline_rss()
             matrix = np.empty((n, p), np.float32)
             for i in range(n // rows):
-                matrix[i * rows:(i + 1) * rows] = block(rows, p, i)
+                matrix[i * rows : (i + 1) * rows] = block(rows, p, i)
             start = time.perf_counter()
             np.save(scratch / "raw.npy", matrix)
             os.sync()
@@ -106,8 +108,9 @@ def main():
             results["numpy read"] = time.perf_counter() - start
         raw_peak_bytes = raw_peak.peak - base
 
-        with client_session(cluster="local", n_workers=2, threads_per_worker=1,
-                            memory_limit="1GiB") as client:
+        with client_session(
+            cluster="local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"
+        ) as client:
             client.run(lambda: __import__("curvlake.lake"))  # one-time imports, not I/O
             lake = open_lake(scratch / "lake", create=True)
             with PeakRSS() as lake_peak:
@@ -116,7 +119,8 @@ def main():
                 target = writer.create_array("dense", (n, p), chunks=(rows, p))
                 source = da.map_blocks(
                     lambda b, block_id=None: block(b.shape[0], p, block_id[0]),
-                    da.empty((n, p), chunks=(rows, p), dtype=np.float32), dtype=np.float32,
+                    da.empty((n, p), chunks=(rows, p), dtype=np.float32),
+                    dtype=np.float32,
                 )
                 start = time.perf_counter()
                 da.store(source, target, lock=False)
@@ -141,10 +145,14 @@ def main():
     print(f"\n{'path':<12}{'seconds':>10}{'GiB/s':>10}")
     for name, seconds in results.items():
         print(f"{name:<12}{seconds:>10.2f}{gib / seconds:>10.2f}")
-    print(f"\nwrite throughput ratio lake/numpy: {results['numpy write'] / results['lake write']:.2f}x")
+    print(
+        f"\nwrite throughput ratio lake/numpy: {results['numpy write'] / results['lake write']:.2f}x"
+    )
     print(f"read throughput ratio  lake/numpy: {results['numpy read'] / results['lake read']:.2f}x")
-    print(f"peak memory above baseline: numpy {raw_peak_bytes / 2**30:.2f} GiB, "
-          f"lake {lake_peak_bytes / 2**30:.2f} GiB (2 workers x 32 MiB chunks; matrix {gib:.2f} GiB)")
+    print(
+        f"peak memory above baseline: numpy {raw_peak_bytes / 2**30:.2f} GiB, "
+        f"lake {lake_peak_bytes / 2**30:.2f} GiB (2 workers x 32 MiB chunks; matrix {gib:.2f} GiB)"
+    )
     if cached:
         print("note: page caches could not be dropped; reads may be served from memory")
 

@@ -33,8 +33,9 @@ def plain(config: TrainConfig) -> float:
     splits, _ = load_training_data(config)
     model = make_model(config, num_classes=splits.num_classes, input_shape=splits.input_shape)
     optimizer = make_optimizer(model, config)
-    train_epochs(model, optimizer, splits.train, config,
-                 eval_splits={"val": splits.val, "test": splits.test})
+    train_epochs(
+        model, optimizer, splits.train, config, eval_splits={"val": splits.val, "test": splits.test}
+    )
     return time.perf_counter() - start
 
 
@@ -56,16 +57,26 @@ def main():
     else:
         options = {"model": "cnn5_k", "model_params": {"k": 16}, "epochs": 10}
         repeats = 3
-    config = TrainConfig.from_dict({**options, "dataset": "digits", "save_every": 1,
-                                    "device": "cpu", "batch_size": 64, "lr": 0.01})
+    config = TrainConfig.from_dict(
+        {
+            **options,
+            "dataset": "digits",
+            "save_every": 1,
+            "device": "cpu",
+            "batch_size": 64,
+            "lr": 0.01,
+        }
+    )
     torch.set_num_threads(torch.get_num_threads())
     times = {"plain torch loop": [], "lake, checkpoint every epoch": []}
     for _ in range(repeats):  # alternate so drift hits both alike
         times["plain torch loop"].append(plain(config))
         times["lake, checkpoint every epoch"].append(with_lake(config))
     best = {name: min(values) for name, values in times.items()}
-    print(f"{options['model']} {options.get('model_params')} on digits, {config.epochs} epochs, "
-          f"best of {repeats}")
+    print(
+        f"{options['model']} {options.get('model_params')} on digits, {config.epochs} epochs, "
+        f"best of {repeats}"
+    )
     for name, seconds in best.items():
         print(f"  {name:<30} {seconds:8.2f} s")
     base = best["plain torch loop"]

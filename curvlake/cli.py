@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -211,20 +212,34 @@ def data_import(settings: Settings, path, labels, name, num_classes):
     """Store inputs and integer labels (.npz with x, y[, x_test, y_test], or .npy + --labels)."""
     from curvlake.pipelines.data import import_dataset
 
-    dataset_id = import_dataset(settings.lake(create=True), path, labels=labels, name=name,
-                                num_classes=num_classes)
+    dataset_id = import_dataset(
+        settings.lake(create=True), path, labels=labels, name=name, num_classes=num_classes
+    )
     click.echo(dataset_id)
     click.echo(f"train on it with: curvlake train --dataset {dataset_id} ...")
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML/JSON file of training options.")
-@click.option("--grid", "grid_file", type=click.Path(dir_okay=False),
-              help="YAML/JSON grid: list values expand into the Cartesian product of runs.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML/JSON file of training options.",
+)
+@click.option(
+    "--grid",
+    "grid_file",
+    type=click.Path(dir_okay=False),
+    help="YAML/JSON grid: list values expand into the Cartesian product of runs.",
+)
 @click.option("--model", help="Model zoo name (mlp, mnist_mini, cnn5_k, resnet18_k, ...).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Model parameter, e.g. --param k=8 (repeatable).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model parameter, e.g. --param k=8 (repeatable).",
+)
 @click.option("--dataset", help="digits, mnist, cifar10, cifar100, a .npz file or dataset-<id>.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder of dataset files.")
 @click.option("--epochs", type=click.IntRange(min=0))
@@ -235,25 +250,57 @@ def data_import(settings: Settings, path, labels, name, num_classes):
 @click.option("--seed", type=int)
 @click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every E epochs.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Any other training option, e.g. --set warmup_epochs=5 (repeatable).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other training option, e.g. --set warmup_epochs=5 (repeatable).",
+)
 @pass_settings
-def train(settings: Settings, config_file, grid_file, model, params, dataset, data_dir, epochs,
-          lr, batch_size, optimizer, label_noise, seed, save_every, device, overrides):
+def train(
+    settings: Settings,
+    config_file,
+    grid_file,
+    model,
+    params,
+    dataset,
+    data_dir,
+    epochs,
+    lr,
+    batch_size,
+    optimizer,
+    label_noise,
+    seed,
+    save_every,
+    device,
+    overrides,
+):
     """Train a model (or a grid of models) with checkpoints in the lake; resumable."""
     from curvlake.nn.grids import expand_train_grid, load_grid
     from curvlake.pipelines.train import run_grid, run_train
 
     options = _load_options(config_file) if config_file else {}
-    named = {"model": model, "dataset": dataset, "data_dir": data_dir, "epochs": epochs,
-             "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
-             "label_noise": label_noise, "seed": seed, "save_every": save_every,
-             "device": device}
+    named = {
+        "model": model,
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "label_noise": label_noise,
+        "seed": seed,
+        "save_every": save_every,
+        "device": device,
+    }
     options.update({k: v for k, v in named.items() if v is not None})
     options.update(_parse_assignments(overrides, "--set"))
     if params:
-        options["model_params"] = {**options.get("model_params", {}),
-                                   **_parse_assignments(params, "--param")}
+        options["model_params"] = {
+            **options.get("model_params", {}),
+            **_parse_assignments(params, "--param"),
+        }
     lake_ = settings.lake(create=True)
     if grid_file:
         configs = expand_train_grid(load_grid(grid_file))
@@ -310,19 +357,31 @@ def runs_import(settings: Settings, path, model, params, num_classes, input_shap
     try:
         shape = [int(v) for v in input_shape.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{input_shape!r} is not like 3,32,32",
-                                 param_hint="--input-shape") from None
-    run_id = import_run(settings.lake(create=True), path, model=model,
-                        model_params=_parse_assignments(params, "--param"),
-                        num_classes=num_classes, input_shape=shape, dataset=dataset)
+        raise click.BadParameter(
+            f"{input_shape!r} is not like 3,32,32", param_hint="--input-shape"
+        ) from None
+    run_id = import_run(
+        settings.lake(create=True),
+        path,
+        model=model,
+        model_params=_parse_assignments(params, "--param"),
+        num_classes=num_classes,
+        input_shape=shape,
+        dataset=dataset,
+    )
     click.echo(run_id)
 
 
 @runs.command("export")
 @click.argument("run_id")
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--checkpoint", type=int, default=-1, show_default=True,
-              help="Checkpoint index (negative: from the end).")
+@click.option(
+    "--checkpoint",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Checkpoint index (negative: from the end).",
+)
 @pass_settings
 def runs_export(settings: Settings, run_id, path, checkpoint):
     """Write a checkpoint's state_dict to PATH (torch.save)."""
@@ -351,12 +410,13 @@ def quickstart(settings: Settings):
     for role, figure in result.figures.items():
         click.echo(f"figure ({role}): {figure}")
     some_run = next(iter(result.runs.values()))
+    url = lake_.url
     click.echo(
-        "\nlist everything:   curvlake --lake {0} lake ls\n"
-        "open with xarray:  python -c \"import xarray as xr; "
-        "print(xr.open_zarr('{1}/run/{2}'))\"\n"
-        "or:                python -c \"import curvlake; "
-        "print(curvlake.open_lake('{1}').open('{2}'))\"".format(lake_.url, lake_.url, some_run)
+        f"\nlist everything:   curvlake --lake {url} lake ls\n"
+        f'open with xarray:  python -c "import xarray as xr; '
+        f"print(xr.open_zarr('{url}/run/{some_run}'))\"\n"
+        f'or:                python -c "import curvlake; '
+        f"print(curvlake.open_lake('{url}').open('{some_run}'))\""
     )
 
 

@@ -50,7 +50,8 @@ def parameter_table(model: torch.nn.Module) -> LayerTable:
     """Layer table of ``model.named_parameters()``."""
     named = list(model.named_parameters())
     return LayerTable(
-        tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named),
+        tuple(n for n, _ in named),
+        tuple(tuple(p.shape) for _, p in named),
         tuple(str(p.dtype).removeprefix("torch.") for _, p in named),
     )
 
@@ -59,7 +60,8 @@ def buffer_table(model: torch.nn.Module) -> LayerTable:
     """Layer table of ``model.named_buffers()`` (BatchNorm statistics and counters)."""
     named = list(model.named_buffers())
     return LayerTable(
-        tuple(n for n, _ in named), tuple(tuple(b.shape) for _, b in named),
+        tuple(n for n, _ in named),
+        tuple(tuple(b.shape) for _, b in named),
         tuple(str(b.dtype).removeprefix("torch.") for _, b in named),
     )
 
@@ -178,7 +180,8 @@ def build_run_model(lake, run_id: str) -> torch.nn.Module:
     """The architecture of a run (zoo model from its config, or the stored custom module)."""
     group = lake.group(run_id)
     if group.attrs.get("curvlake:kind") != "run":
-        raise UserInputError(f"{run_id} is a {group.attrs.get('curvlake:kind')} artifact, not a run")
+        kind = group.attrs.get("curvlake:kind")
+        raise UserInputError(f"{run_id} is a {kind} artifact, not a run")
     if "module" in group.array_keys():
         import io
 

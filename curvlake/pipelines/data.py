@@ -73,8 +73,13 @@ def import_dataset(
     labels = Path(labels) if labels is not None else None
     arrays = _read_user_arrays(path, labels)
     # from_arrays validates shapes, labels and num_classes and converts inputs like every loader.
-    checked = from_arrays(**arrays, num_classes=num_classes, standardize="none", val_size=0,
-                          **({} if "x_test" in arrays else {"test_size": 0}))
+    checked = from_arrays(
+        **arrays,
+        num_classes=num_classes,
+        standardize="none",
+        val_size=0,
+        **({} if "x_test" in arrays else {"test_size": 0}),
+    )
     parts = [checked.train] + ([checked.test] if "x_test" in arrays else [])
     x_parts, y_parts, split = [], [], []
     for part, label in zip(parts, ("train", "test"), strict=False):
@@ -86,8 +91,11 @@ def import_dataset(
     sample_id = np.concatenate([np.sort(p.sample_id) for p in parts]).astype(np.int64)
     name = name or path.stem
     sources = [path] + ([labels] if labels else [])
-    config = {"name": name, "source_sha256": _file_digest(*sources),
-              "num_classes": checked.num_classes}
+    config = {
+        "name": name,
+        "source_sha256": _file_digest(*sources),
+        "num_classes": checked.num_classes,
+    }
     writer = lake.begin("dataset", config)
     if writer.complete:
         return writer.id
@@ -95,8 +103,12 @@ def import_dataset(
     writer.write("y", y)
     writer.write("split", np.array(split, dtype=object))
     writer.write("sample_id", sample_id)
-    writer.set_attrs(input_shape=list(checked.input_shape), num_classes=checked.num_classes,
-                     name=name, source=str(path))
+    writer.set_attrs(
+        input_shape=list(checked.input_shape),
+        num_classes=checked.num_classes,
+        name=name,
+        source=str(path),
+    )
     return writer.commit()
 
 
@@ -116,7 +128,14 @@ def load_dataset_artifact(
     split = np.array([str(s) for s in ds["split"].values])
     train, test = split == "train", split == "test"
     kwargs = {"x_test": x[test], "y_test": y[test]} if test.any() else {}
-    splits = from_arrays(x[train], y[train], name=ds.attrs["name"],
-                         num_classes=int(ds.attrs["num_classes"]), split_seed=split_seed,
-                         val_size=val_size, standardize=standardize, **kwargs)
+    splits = from_arrays(
+        x[train],
+        y[train],
+        name=ds.attrs["name"],
+        num_classes=int(ds.attrs["num_classes"]),
+        split_seed=split_seed,
+        val_size=val_size,
+        standardize=standardize,
+        **kwargs,
+    )
     return splits

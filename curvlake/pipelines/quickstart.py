@@ -14,13 +14,28 @@ from curvlake.lake import Lake
 from curvlake.pipelines.train import run_train
 
 MLP_CONFIG = {
-    "model": "mlp", "model_params": {"widths": [64]}, "dataset": "digits", "epochs": 10,
-    "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "batch_size": 64, "save_every": 5,
-    "device": "cpu", "seed": 0,
+    "model": "mlp",
+    "model_params": {"widths": [64]},
+    "dataset": "digits",
+    "epochs": 10,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "batch_size": 64,
+    "save_every": 5,
+    "device": "cpu",
+    "seed": 0,
 }
 CNN_CONFIG = {
-    "model": "cnn5_k", "model_params": {"k": 4}, "dataset": "digits", "epochs": 8,
-    "optimizer": "adam", "lr": 0.003, "batch_size": 64, "save_every": 4, "device": "cpu",
+    "model": "cnn5_k",
+    "model_params": {"k": 4},
+    "dataset": "digits",
+    "epochs": 8,
+    "optimizer": "adam",
+    "lr": 0.003,
+    "batch_size": 64,
+    "save_every": 4,
+    "device": "cpu",
     "seed": 0,
 }
 

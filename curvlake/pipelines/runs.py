@@ -54,8 +54,12 @@ def import_run(
     if model is not None:
         from curvlake.nn.models import build_model
 
-        net = build_model(model, num_classes=num_classes, input_shape=tuple(input_shape),
-                          **dict(model_params or {}))
+        net = build_model(
+            model,
+            num_classes=num_classes,
+            input_shape=tuple(input_shape),
+            **dict(model_params or {}),
+        )
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         if not isinstance(state, Mapping):
             raise UserInputError(f"{path} does not hold a state_dict (got {type(state).__name__})")
@@ -75,9 +79,15 @@ def import_run(
                 f"{path} is neither TorchScript nor a pickled nn.Module; for a state_dict give "
                 "--model"
             )
-    config = {"imported_from": path.name, "sha256": digest, "model": model or "custom",
-              "model_params": dict(model_params or {}), "num_classes": int(num_classes),
-              "input_shape": [int(s) for s in input_shape], "dataset": dataset}
+    config = {
+        "imported_from": path.name,
+        "sha256": digest,
+        "model": model or "custom",
+        "model_params": dict(model_params or {}),
+        "num_classes": int(num_classes),
+        "input_shape": [int(s) for s in input_shape],
+        "dataset": dataset,
+    }
     writer = lake.begin("run", config)
     if writer.complete:
         return writer.id
@@ -97,9 +107,13 @@ def import_run(
     if module_format is not None:
         writer.write("module", np.frombuffer(blob, dtype=np.uint8))
     writer.set_attrs(
-        model=model or "custom", model_params=dict(model_params or {}), dataset=dataset,
-        num_classes=int(num_classes), input_shape=[int(s) for s in input_shape],
-        optimizer="none", **({"module_format": module_format} if module_format else {}),
+        model=model or "custom",
+        model_params=dict(model_params or {}),
+        dataset=dataset,
+        num_classes=int(num_classes),
+        input_shape=[int(s) for s in input_shape],
+        optimizer="none",
+        **({"module_format": module_format} if module_format else {}),
     )
     return writer.commit()
 

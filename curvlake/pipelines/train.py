@@ -43,8 +43,15 @@ from curvlake.nn.training import (
 )
 from curvlake.pipelines.data import is_dataset_id, load_dataset_artifact
 
-METRICS = ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
-           "test_accuracy")
+METRICS = (
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "test_loss",
+    "test_accuracy",
+)
 
 
 def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
@@ -56,7 +63,10 @@ def training_data(lake: Lake, config: TrainConfig) -> tuple[Splits, np.ndarray, 
     """Splits with label noise applied, clean train labels, and the input artifact ids."""
     if is_dataset_id(config.dataset):
         splits = load_dataset_artifact(
-            lake, config.dataset, split_seed=config.split_seed, val_size=config.val_size,
+            lake,
+            config.dataset,
+            split_seed=config.split_seed,
+            val_size=config.val_size,
             standardize=config.standardize,
         )
         return with_label_noise(splits, config), splits.train.y, [config.dataset]
@@ -139,8 +149,9 @@ def _train_into(
     else:
         start_epoch = 0
         for split in ("val", "test"):
-            result = evaluate(model, splits.split(split).x, splits.split(split).y,
-                              config.eval_batch_size, device)
+            result = evaluate(
+                model, splits.split(split).x, splits.split(split).y, config.eval_batch_size, device
+            )
             history[f"{split}_loss"][0] = result["loss"]
             history[f"{split}_accuracy"][0] = result["accuracy"]
 
@@ -164,10 +175,16 @@ def _train_into(
     if not finished:
         save(0)
     train_epochs(
-        model, optimizer, splits.train, config,
-        start_epoch=start_epoch, device=device,
+        model,
+        optimizer,
+        splits.train,
+        config,
+        start_epoch=start_epoch,
+        device=device,
         eval_splits={"val": splits.val, "test": splits.test},
-        pad_value=splits.pad_value, on_epoch_end=on_epoch_end, progress=progress,
+        pad_value=splits.pad_value,
+        on_epoch_end=on_epoch_end,
+        progress=progress,
     )
     write_model_tables(writer, model)
     writer.write("train_label", splits.train.y)
@@ -207,8 +224,13 @@ def run_grid(
     def record(args, result):
         ids[args[0]] = result
 
-    run_tasks(lambda i, url, options: _train_task(url, options), tasks,
-              description="runs", on_result=record, progress=progress)
+    run_tasks(
+        lambda i, url, options: _train_task(url, options),
+        tasks,
+        description="runs",
+        on_result=record,
+        progress=progress,
+    )
     return [ids[i] for i in range(len(configs))]
 
 

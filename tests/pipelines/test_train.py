@@ -24,8 +24,17 @@ from curvlake.pipelines.runs import export_state_dict, import_run
 from curvlake.pipelines.train import run_grid, run_train
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"model": "mlp", "model_params": {"widths": [16]}, "epochs": 4, "save_every": 1,
-         "device": "cpu", "lr": 0.05, "batch_size": 64, "label_noise": 0.2, "label_seed": 3}
+SMALL = {
+    "model": "mlp",
+    "model_params": {"widths": [16]},
+    "epochs": 4,
+    "save_every": 1,
+    "device": "cpu",
+    "lr": 0.05,
+    "batch_size": 64,
+    "label_noise": 0.2,
+    "label_seed": 3,
+}
 
 
 def test_run_artifact_contents(tmp_path):
@@ -48,10 +57,13 @@ def test_run_artifact_contents(tmp_path):
 
 
 def _spawn_training(lake_path, config):
-    code = ("import json,sys; from curvlake.pipelines.train import run_train; "
-            "run_train(sys.argv[1], json.loads(sys.argv[2]), progress=False)")
-    return subprocess.Popen([sys.executable, "-c", code, str(lake_path), json.dumps(config)],
-                            cwd=REPO)
+    code = (
+        "import json,sys; from curvlake.pipelines.train import run_train; "
+        "run_train(sys.argv[1], json.loads(sys.argv[2]), progress=False)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(lake_path), json.dumps(config)], cwd=REPO
+    )
 
 
 def test_killed_run_resumes_bit_exact(tmp_path):
@@ -82,8 +94,15 @@ def test_killed_run_resumes_bit_exact(tmp_path):
 
 
 def test_adam_with_batchnorm_resume_state(tmp_path):
-    config = {"model": "cnn5_k", "model_params": {"k": 2, "batch_norm": True}, "epochs": 2,
-              "save_every": 1, "optimizer": "adam", "lr": 0.01, "device": "cpu"}
+    config = {
+        "model": "cnn5_k",
+        "model_params": {"k": 2, "batch_norm": True},
+        "epochs": 2,
+        "save_every": 1,
+        "optimizer": "adam",
+        "lr": 0.01,
+        "device": "cpu",
+    }
     lake = open_lake(tmp_path, create=True)
     run_id = run_train(lake, config, progress=False)
     ds = lake.open(run_id)
@@ -100,9 +119,14 @@ def test_import_export_round_trip_bit_exact(tmp_path):
         for buffer in net.buffers():
             buffer.add_(torch.rand(buffer.shape) if buffer.is_floating_point() else 7)
     torch.save(net.state_dict(), tmp_path / "weights.pt")
-    run_id = import_run(lake, tmp_path / "weights.pt", model="cnn5_k",
-                        model_params={"k": 2, "batch_norm": True}, num_classes=10,
-                        input_shape=(1, 8, 8))
+    run_id = import_run(
+        lake,
+        tmp_path / "weights.pt",
+        model="cnn5_k",
+        model_params={"k": 2, "batch_norm": True},
+        num_classes=10,
+        input_shape=(1, 8, 8),
+    )
     export_state_dict(lake, run_id, tmp_path / "out.pt")
     original = torch.load(tmp_path / "weights.pt")
     exported = torch.load(tmp_path / "out.pt")
@@ -153,8 +177,9 @@ def test_data_import_and_train(tmp_path):
     np.testing.assert_array_equal(ds.y.values, y)
     splits = load_dataset_artifact(lake, dataset_id, split_seed=1)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 60
-    run_id = run_train(lake, {"model": "mlp", "dataset": dataset_id, "epochs": 1,
-                              "device": "cpu"}, progress=False)
+    run_id = run_train(
+        lake, {"model": "mlp", "dataset": dataset_id, "epochs": 1, "device": "cpu"}, progress=False
+    )
     assert lake.info(run_id).inputs == [dataset_id]
     with pytest.raises(UserInputError, match="--labels"):
         import_dataset(lake, _save(tmp_path / "x.npy", x))
@@ -168,12 +193,25 @@ def _save(path, array):
 def test_cli_train_and_export(tmp_path):
     runner = CliRunner()
     lake = str(tmp_path / "lake")
-    result = runner.invoke(cli, ["--lake", lake, "train", "--model", "mlp", "--param",
-                                 "widths=[8]", "--epochs", "1", "--device", "cpu"])
+    result = runner.invoke(
+        cli,
+        [
+            "--lake",
+            lake,
+            "train",
+            "--model",
+            "mlp",
+            "--param",
+            "widths=[8]",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     run_id = re.search(r"run-[0-9a-f]{16}", result.output).group(0)
-    result = runner.invoke(cli, ["--lake", lake, "runs", "export", run_id,
-                                 str(tmp_path / "w.pt")])
+    result = runner.invoke(cli, ["--lake", lake, "runs", "export", run_id, str(tmp_path / "w.pt")])
     assert result.exit_code == 0 and (tmp_path / "w.pt").exists()
     result = runner.invoke(cli, ["--lake", lake, "train", "--model", "nope", "--epochs", "1"])
     assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output
