@@ -35,7 +35,7 @@ from curvlake.lake._artifact import (
     new_provenance,
 )
 from curvlake.lake._ids import artifact_id, canonical_config, config_hash, kind_of
-from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, get_spec, validate_arrays
+from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, SPECS, get_spec, validate_arrays
 
 LAKE_FORMAT = "curvlake-lake"
 LAKE_FORMAT_VERSION = "1.0"
@@ -58,13 +58,18 @@ class ArtifactInfo:
 
     @property
     def config_summary(self) -> str:
-        """``key=value`` pairs of the scalar config entries, for listings."""
-        items = [
-            f"{k}={v}"
-            for k, v in self.config.items()
-            if isinstance(v, (str, int, float, bool)) and v not in ("", None)
-        ]
-        return " ".join(items)
+        """``key=value`` pairs of the config entries that identify the artifact, for listings."""
+        keys = get_spec(self.kind).summary_keys if self.kind in SPECS else ()
+        if keys:
+            items = [(k, self.config[k]) for k in keys if k in self.config]
+        else:
+            items = [
+                (k, v) for k, v in self.config.items() if isinstance(v, (str, int, float, bool))
+            ]
+        return " ".join(
+            f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
+            for k, v in items
+        )
 
 
 class _GuardedChunks:

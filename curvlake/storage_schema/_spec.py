@@ -117,6 +117,7 @@ class ArtifactSpec:
         variant_attr: attribute whose value selects which optional arrays are required.
         example: builds a tiny valid instance ``(arrays, attrs)``; used by the conformance tests
             and as executable documentation.
+        summary_keys: config entries shown by ``curvlake lake ls`` (empty: every scalar).
     """
 
     kind: str
@@ -128,6 +129,7 @@ class ArtifactSpec:
     example: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]] | None = field(
         default=None, compare=False
     )
+    summary_keys: tuple[str, ...] = ()
 
     @property
     def major(self) -> int:

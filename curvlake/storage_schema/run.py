@@ -214,4 +214,15 @@ SPEC = ArtifactSpec(
         AttrSpec("optimizer", "sgd or adam"),
     ),
     example=_example,
+    summary_keys=(
+        "model",
+        "model_params",
+        "dataset",
+        "label_noise",
+        "epochs",
+        "optimizer",
+        "lr",
+        "seed",
+        "imported_from",
+    ),
 )

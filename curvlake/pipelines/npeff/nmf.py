@@ -15,10 +15,10 @@ Two solvers share one layout:
   for large scale nonnegative matrix and tensor factorizations", IEICE 2009), i.e. exact
   coordinate minimisation over one row of H / one column of W at a time:
   ``W[:, j] ← max(0, W[:, j] + (AHᵀ[:, j] − W HHᵀ[:, j]) / HHᵀ[j, j])`` and the same for the
-  rows of H with ``WᵀA`` and ``WᵀW``. Each A pass is followed by ``inner_sweeps`` sweeps on the
-  cached small products (the "accelerated HALS" of Gillis & Glineur, "Accelerated multiplicative
+  rows of H with ``WᵀA`` and ``WᵀW``. Each A pass is followed by ``w_sweeps`` / ``h_sweeps``
+  sweeps on the cached small products (the "accelerated HALS" of Gillis & Glineur, "Accelerated multiplicative
   updates and hierarchical ALS algorithms for nonnegative matrix factorization", Neural
-  Computation 2012). With ``inner_sweeps=1`` it is the same algorithm as scikit-learn's
+  Computation 2012). With one sweep each it is the same algorithm as scikit-learn's
   ``NMF(solver="cd", shuffle=False)``.
 
 Layout (shared by the in-memory and the Dask versions, which give the same iterates):
@@ -414,7 +414,9 @@ class NmfConfig:
             value in one iteration (``0`` disables).
         eps: MU denominator offset. ``0`` reproduces scikit-learn, which instead replaces
             exactly-zero denominators by float32 eps (done here too when ``eps == 0``).
-        inner_sweeps: HALS sweeps per pass over A (W and each H block).
+        h_sweeps: HALS sweeps over each H block per pass over A.
+        w_sweeps: HALS sweeps over W per pass (cheap: ``O(n r²)`` each, on cached ``AHᵀ``,
+            ``HHᵀ``; the "accelerated HALS" of Gillis & Glineur).
         seed: seed of the random init.
         init_scale: rescale the random init to the least-squares-optimal scale of ``WH``.
     """
@@ -424,7 +426,8 @@ class NmfConfig:
     max_iter: int = 200
     tol: float = 1e-4
     eps: float = 1e-8
-    inner_sweeps: int = 2
+    h_sweeps: int = 1
+    w_sweeps: int = 1
     seed: int = 0
     init_scale: bool = True
 
@@ -439,8 +442,10 @@ class NmfConfig:
             raise UserInputError(f"tol must be >= 0, got {self.tol}")
         if not self.eps >= 0:
             raise UserInputError(f"eps must be >= 0, got {self.eps}")
-        if self.inner_sweeps < 1:
-            raise UserInputError(f"inner_sweeps must be >= 1, got {self.inner_sweeps}")
+        if self.h_sweeps < 1 or self.w_sweeps < 1:
+            raise UserInputError(
+                f"h_sweeps and w_sweeps must be >= 1, got {self.h_sweeps}, {self.w_sweeps}"
+            )
 
 
 @dataclass
@@ -741,7 +746,7 @@ def nmf_step(A: Any, state: NmfState, config: NmfConfig) -> NmfState:
         state.HHt,
         solver=config.solver,
         eps=config.eps,
-        inner_sweeps=config.inner_sweeps,
+        inner_sweeps=config.w_sweeps,
     )
     WtW = W.T @ W
     xp = _xp_of(state.H)
@@ -755,7 +760,7 @@ def nmf_step(A: Any, state: NmfState, config: NmfConfig) -> NmfState:
             WtW,
             solver=config.solver,
             eps=config.eps,
-            inner_sweeps=config.inner_sweeps,
+            inner_sweeps=config.h_sweeps,
         )
         H[:, s:e] = H_b
         a, h = block_stats(A_b, H_b)
@@ -1042,14 +1047,14 @@ def nmf_step_dask(
         state.HHt,
         solver=config.solver,
         eps=config.eps,
-        inner_sweeps=config.inner_sweeps,
+        inner_sweeps=config.w_sweeps,
     )
     WtW = W.T @ W
     xp = _meta_xp(A)
     Wd = da.from_array(W, chunks=W.shape, name=f"npeff-W-{uuid.uuid4().hex}")
     Gd = da.from_array(WtW, chunks=WtW.shape, name=f"npeff-WtW-{uuid.uuid4().hex}")
     task = functools.partial(
-        _h_update_task, solver=config.solver, eps=config.eps, inner_sweeps=config.inner_sweeps
+        _h_update_task, solver=config.solver, eps=config.eps, inner_sweeps=config.h_sweeps
     )
     H_new = da.blockwise(
         task,
