@@ -8,6 +8,7 @@ calling process (``cluster="sync"``, for debugging and tiny jobs).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -105,6 +106,7 @@ def get_client(
         processes=cluster_kwargs.pop("processes", True),
         memory_limit=memory_limit,
         dashboard_address=cluster_kwargs.pop("dashboard_address", None),
+        silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
         **cluster_kwargs,
     )
     return Client(local)

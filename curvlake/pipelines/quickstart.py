@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from curvlake.lake import Lake
+from curvlake.pipelines.jacobian_stats.pipeline import run_stats
 from curvlake.pipelines.train import run_train
 
 MLP_CONFIG = {
@@ -55,4 +56,21 @@ def run_quickstart(lake: Lake, *, echo: Callable[[str], None] = print) -> Quicks
     for name, config in (("mlp", MLP_CONFIG), ("cnn", CNN_CONFIG)):
         echo(f"training the quickstart {name} on digits")
         result.runs[name] = run_train(lake, config)
+    echo("input-Jacobian norms of both models at every checkpoint (test split)")
+    stats_id = run_stats(
+        lake,
+        list(result.runs.values()),
+        split="test",
+        metrics=["jacobian_operator", "jacobian_frobenius", "accuracy"],
+    )
+    result.artifacts["jacobian_stats"] = stats_id
+    ds = lake.open(stats_id)
+    means = ds[["jacobian_operator", "accuracy"]].mean("example").compute()
+    for r, name in enumerate(result.runs):
+        for c, epoch in enumerate(ds.checkpoint_epoch.values[r]):
+            echo(
+                f"  {name} epoch {int(epoch):>2}: mean ||J||_2 = "
+                f"{float(means.jacobian_operator[r, c]):.3f}, "
+                f"test accuracy {float(means.accuracy[r, c]):.3f}"
+            )
     return result
