@@ -28,7 +28,8 @@ SPEC = ArtifactSpec(
         "(`values`, `indices` into the flat parameter vector, sorted by index; for low-rank PEFs "
         "`class_index` says which column of A each value belongs to) and the norm of the "
         "dense PEF. "
-        "`storage=dense`: `values` is the full (example, param) matrix (small models, benchmarks)."
+        "`storage=dense`: `dense` is the full (example, param) D-PEF matrix; "
+        "`storage=dense_factors`: `factors` holds the low-rank factors (small models)."
     ),
     arrays=(
         ArraySpec("values", ("example", "k"), "float", "stored PEF entries", variants=("topk",)),
@@ -78,4 +79,13 @@ SPEC = ArtifactSpec(
     ),
     variant_attr="storage",
     example=_example,
+    summary_keys=(
+        "pef_kind",
+        "storage",
+        "k",
+        "split",
+        "n_examples",
+        "checkpoint",
+        "incorrect_only",
+    ),
 )

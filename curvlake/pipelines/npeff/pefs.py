@@ -28,20 +28,27 @@ Two interchangeable gradient back-ends compute the per-example, per-class gradie
 * ``"func"``: ``torch.func`` — ``functional_call`` + ``vmap`` over examples + ``vmap`` of a
   ``vjp`` over class cotangents. Works for any classifier made of ops ``vmap`` supports.
 * ``"layerwise"``: one batched forward with hooks that record the input ``h`` of every
-  ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, one batched backward of the ``K`` class
-  cotangents to the layer outputs (``δ_k``), and the closed forms of the per-example weight
-  gradients (``δ_k ⊗ h`` for a Linear layer, ``δ_k · unfold(h)ᵀ`` for a convolution). For a
-  Linear layer applied once per example the diagonal needs no per-class gradient at all:
+  parameterised layer, one batched backward per class cotangent ``k`` down to the layer outputs
+  (``δ_k``), and the closed forms of the per-example parameter gradients (``δ_k ⊗ h`` for a
+  Linear layer, ``δ_k · unfold(h)ᵀ`` for a convolution, ``δ_k ⊙ ĥ`` for a normalisation, a
+  scatter of ``δ_k`` for an embedding; see ``_LayerAccumulator``). For a Linear layer applied
+  once per example the diagonal needs no per-class gradient at all:
   ``Σ_k (δ_k ⊗ h)² = (Σ_k δ_k²) ⊗ h²`` (the BackPACK ``BatchDiagGGNExact`` recipe, Dangel et al.,
-  "BackPACK: Packing more into backprop", ICLR 2020). Only applies when every trainable
-  parameter is the weight or bias of one such layer, each used once per forward.
+  "BackPACK: Packing more into backprop", ICLR 2020). Applies when every trainable parameter
+  is the weight or bias of a ``Linear``, ``Conv1d``/``Conv2d`` (zero padding),
+  ``BatchNorm1d``/``BatchNorm2d`` (with running statistics), ``LayerNorm`` or ``Embedding``
+  (no ``max_norm``/``scale_grad_by_freq``/``sparse``), each called once per forward on
+  tensors whose first axis is the example axis.
 
-``backend="auto"`` picks ``"layerwise"`` when it applies and ``"func"`` otherwise.
+``backend="auto"`` picks ``"layerwise"`` when it applies and falls back to ``"func"`` otherwise
+(also mid-run, e.g. when a layer turns out to be called twice). Both give the same numbers up
+to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -196,12 +203,14 @@ class _Prepared:
                 b.to(device=device, dtype=dtype) if b.is_floating_point() else b.to(device)
             )
 
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+    def forward(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         tensors = {**self.frozen, **(self.params if params is None else params)}
         return functional_call(self.model, tensors, (x,))
 
 
-def _as_input(x: torch.Tensor | np.ndarray, prep: _Prepared) -> torch.Tensor:
+def _as_input(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     x = torch.as_tensor(x).detach()
     if x.ndim < 1 or x.shape[0] == 0:
         raise UserInputError(f"x must have a leading example axis with n >= 1, got {x.shape}")
@@ -230,11 +239,11 @@ def _check_batch_size(batch_size: int | None) -> None:
         raise UserInputError(f"batch_size={batch_size!r} must be a positive int or None")
 
 
-def _resolve_batch_size(batch_size: int | None, prep: _Prepared) -> int:
+def _resolve_batch_size(batch_size: int | None, n_params: int, dtype: torch.dtype) -> int:
     """Default: as many examples as fit a ~256 MiB ``(batch, P)`` block, between 1 and 256."""
     if batch_size is not None:
         return batch_size
-    per_example = prep.n_params * torch.finfo(prep.dtype).bits // 8
+    per_example = max(1, n_params * torch.finfo(dtype).bits // 8)
     return int(max(1, min(_MAX_DEFAULT_BATCH, _CHUNK_BYTES // per_example)))
 
 
@@ -257,7 +266,31 @@ class _Unsupported(Exception):
     """The layerwise back-end cannot handle this model or forward pass."""
 
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.LayerNorm,
+    nn.Embedding,
+)
+
+
+def _check_layer(module: nn.Module) -> None:
+    """Raise :class:`_Unsupported` for layer settings the closed forms do not cover."""
+    name = type(module).__name__
+    if type(module) not in _LAYER_TYPES:
+        raise _Unsupported(f"parameters of unsupported {name}")
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
+        raise _Unsupported(f"{name} with padding_mode={module.padding_mode!r}")
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and module.running_mean is None:
+        # without running statistics eval mode still normalises over the batch
+        raise _Unsupported(f"{name} without running statistics mixes examples")
+    if isinstance(module, nn.Embedding) and (
+        module.max_norm is not None or module.scale_grad_by_freq or module.sparse
+    ):
+        raise _Unsupported(f"{name} with max_norm / scale_grad_by_freq / sparse")
 
 
 def _layerwise_plan(model: nn.Module, table: list[ParamInfo]) -> list[tuple[nn.Module, str]]:
@@ -269,10 +302,9 @@ def _layerwise_plan(model: nn.Module, table: list[ParamInfo]) -> list[tuple[nn.M
                 continue
             if id(p) in owner:
                 raise _Unsupported("a parameter is shared by several modules")
-            if type(module) not in _LAYER_TYPES or role not in ("weight", "bias"):
-                raise _Unsupported(f"parameter {role!r} of unsupported {type(module).__name__}")
-            if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
-                raise _Unsupported("only zero padding is supported")
+            if role not in ("weight", "bias"):
+                raise _Unsupported(f"parameter {role!r} of {type(module).__name__}")
+            _check_layer(module)
             owner[id(p)] = (module, role)
     by_name = dict(_trainable(model))
     return [owner[id(by_name[info.name])] for info in table]
@@ -298,7 +330,7 @@ def _conv_padding(module: nn.Module) -> list[int]:
 
 
 class _LayerAccumulator:
-    """Per-example gradients of one Linear/Conv layer, fed one class cotangent at a time.
+    """Per-example gradients of one supported layer, fed one class cotangent at a time.
 
     With the layer input ``h`` recorded in the forward and ``δ_k = ∂(w_k log p_{c_k})/∂(layer
     output)`` from the ``k``-th backward, the per-example gradients are, summed over the
@@ -306,7 +338,10 @@ class _LayerAccumulator:
 
     * Linear: ``∂/∂W = Σ_t δ_{k,t} ⊗ h_t``, ``∂/∂b = Σ_t δ_{k,t}``;
     * Conv: ``∂/∂W[o, (i, u)] = Σ_l δ_k[o, l] unfold(h)[(i, u), l]`` per group (``u`` runs over
-      kernel offsets), ``∂/∂b[o] = Σ_l δ_k[o, l]``.
+      kernel offsets), ``∂/∂b[o] = Σ_l δ_k[o, l]``;
+    * BatchNorm (eval: running statistics) and LayerNorm, ``y = γ ⊙ ĥ + β``:
+      ``∂/∂γ = Σ_t δ_{k,t} ⊙ ĥ_t``, ``∂/∂β = Σ_t δ_{k,t}`` with ``ĥ`` the normalised input;
+    * Embedding: ``∂/∂E[v] = Σ_{t: h_t = v} δ_{k,t}`` (zero at ``padding_idx``).
 
     In ``sqsum`` mode only ``Σ_k (∂/∂θ)²`` is kept (added in place into the output). A Linear
     layer applied once per example needs no per-class weight gradient at all:
@@ -325,6 +360,7 @@ class _LayerAccumulator:
         self.module, self.slots, self.out, self.sqsum = module, slots, out, sqsum
         self.n = n = h.shape[0]
         self.started = False
+        self.outer = False
         if isinstance(module, nn.Linear):
             self.kind = "linear"
             self.h = h.reshape(n, -1, h.shape[-1])
@@ -332,9 +368,8 @@ class _LayerAccumulator:
             if self.outer:
                 self.h = self.h[:, 0]
                 self.d2 = torch.zeros((n, module.out_features), dtype=h.dtype, device=h.device)
-        else:
+        elif isinstance(module, nn.Conv1d | nn.Conv2d):
             self.kind = "conv"
-            self.outer = False
             if "weight" in slots:
                 pad = _conv_padding(module)
                 if any(pad):
@@ -350,6 +385,24 @@ class _LayerAccumulator:
                     ks, dil, st = module.kernel_size, module.dilation, module.stride
                 u = F.unfold(h, ks, dilation=dil, stride=st)  # (n, I·|kernel|, L), channel-major
                 self.u_t = u.reshape(n, module.groups, -1, u.shape[-1]).transpose(-1, -2)
+        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            self.kind = "batchnorm"
+            # Inside functional_call the module holds the dtype/device copies of its buffers.
+            scale = torch.rsqrt(module.running_var + module.eps)
+            shape = (1, -1) + (1,) * (h.ndim - 2)
+            self.h_hat = ((h - module.running_mean.view(shape)) * scale.view(shape)).reshape(
+                n, h.shape[1], -1
+            )
+        elif isinstance(module, nn.LayerNorm):
+            self.kind = "layernorm"
+            dims = tuple(range(h.ndim - len(module.normalized_shape), h.ndim))
+            var, mean = torch.var_mean(h, dim=dims, keepdim=True, correction=0)
+            size = math.prod(module.normalized_shape)
+            self.h_hat = ((h - mean) * torch.rsqrt(var + module.eps)).reshape(n, -1, size)
+        else:
+            self.kind = "embedding"
+            self.index = h.reshape(n, -1)
+            self.shape = (n, module.num_embeddings, module.embedding_dim)
 
     def _view(self, role: str, k: int) -> torch.Tensor:
         info = self.slots[role]
@@ -358,6 +411,8 @@ class _LayerAccumulator:
         return self.out[:, k, info.offset : info.offset + info.size]
 
     def _put(self, role: str, k: int, g: torch.Tensor) -> None:
+        if role not in self.slots:
+            return
         view = self._view(role, k)
         if not self.sqsum:
             view.copy_(g)
@@ -368,8 +423,8 @@ class _LayerAccumulator:
 
     def add(self, k: int, delta: torch.Tensor) -> None:
         """Feed ``δ_k`` of shape ``(n, *layer_output_shape)``."""
-        n, module = self.n, self.module
-        if self.kind == "linear":
+        n, module, kind = self.n, self.module, self.kind
+        if kind == "linear":
             d = delta.reshape(n, -1, delta.shape[-1])
             if self.outer:
                 d = d[:, 0]
@@ -379,20 +434,33 @@ class _LayerAccumulator:
                 if "weight" in self.slots:
                     gw = self._view("weight", k).view(n, d.shape[1], -1)
                     torch.mul(d.unsqueeze(2), self.h.unsqueeze(1), out=gw)
-                if "bias" in self.slots:
-                    self._put("bias", k, d)
+                self._put("bias", k, d)
                 return
             if "weight" in self.slots:
                 self._put("weight", k, torch.bmm(d.transpose(1, 2), self.h).reshape(n, -1))
-            if "bias" in self.slots:
-                self._put("bias", k, d.sum(1))
-        else:
+            self._put("bias", k, d.sum(1))
+        elif kind == "conv":
             g = module.groups
             d = delta.reshape(n, g, module.out_channels // g, -1)
             if "weight" in self.slots:
                 self._put("weight", k, torch.matmul(d, self.u_t).reshape(n, -1))
-            if "bias" in self.slots:
-                self._put("bias", k, d.sum(-1).reshape(n, -1))
+            self._put("bias", k, d.sum(-1).reshape(n, -1))
+        elif kind in ("batchnorm", "layernorm"):
+            if kind == "batchnorm":
+                d = delta.reshape(n, delta.shape[1], -1)
+                reduce_dim = -1
+            else:
+                d = delta.reshape(self.h_hat.shape)
+                reduce_dim = 1
+            self._put("weight", k, (d * self.h_hat).sum(reduce_dim))
+            self._put("bias", k, d.sum(reduce_dim))
+        else:
+            d = delta.reshape(n, -1, self.shape[2])
+            gw = torch.zeros(self.shape, dtype=d.dtype, device=d.device)
+            gw.scatter_add_(1, self.index.unsqueeze(-1).expand_as(d), d)
+            if module.padding_idx is not None:
+                gw[:, module.padding_idx] = 0
+            self._put("weight", k, gw.reshape(n, -1))
         self.started = True
 
     def finish(self) -> None:
@@ -430,26 +498,32 @@ class _Engine:
         self.backend = backend
 
     def run(
-        self, x: torch.Tensor, select: Selection, sqsum: bool, class_chunk: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of one batch.
+        self,
+        x: torch.Tensor,
+        select: Selection,
+        sqsum: bool,
+        class_chunk: int | None,
+        target: Callable[[int], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of one batch, written into ``target(K)``.
+
+        ``target(K)`` is ``(n, P)`` to be overwritten with ``Σ_k (w_k ∇ log p_{c_k})²`` when
+        ``sqsum``, else a zeroed ``(n, K, P)`` view to receive ``w_k ∇ log p_{c_k}``.
 
         Returns:
-            ``(grads, log_probs, classes, weights)`` with ``grads`` of shape ``(n, P)`` holding
-            ``Σ_k (w_k ∇ log p_{c_k})²`` when ``sqsum`` else ``(n, K, P)`` holding
-            ``w_k ∇ log p_{c_k}``.
+            ``(log_probs, classes, weights)``.
         """
         if self.plan is not None:
             try:
-                return self._run_layerwise(x, select, sqsum, class_chunk)
+                return self._run_layerwise(x, select, sqsum, target)
             except _Unsupported as err:
                 if self.backend == "layerwise":
                     raise UserInputError(f"backend='layerwise' does not apply: {err}") from err
                 self.plan = None  # e.g. a layer called twice: fall back for good
-        return self._run_func(x, select, sqsum, class_chunk)
+        return self._run_func(x, select, sqsum, class_chunk, target)
 
     # -- torch.func ------------------------------------------------------------------------
-    def _run_func(self, x, select, sqsum, class_chunk):
+    def _run_func(self, x, select, sqsum, class_chunk, target):
         prep = self.prep
         with torch.no_grad():
             logits = prep.forward(x)
@@ -467,15 +541,15 @@ class _Engine:
             return vmap(vjp_fn)(cot_i)[0]
 
         batched = vmap(per_example)
+        out = target(K)
         if not sqsum:
-            out = x.new_empty((n, K, P), dtype=prep.dtype)
             grads = batched(x, cot)
             for info in prep.table:
                 out[:, :, info.offset : info.offset + info.size] = grads[info.name].reshape(
                     n, K, -1
                 )
-            return out, log_probs, classes, weights
-        out = torch.zeros((n, P), dtype=prep.dtype, device=x.device)
+            return log_probs, classes, weights
+        out.zero_()
         step = _class_chunk(n, P, out.element_size(), K, class_chunk)
         for k0 in range(0, K, step):
             grads = batched(x, cot[:, k0 : k0 + step])
@@ -483,14 +557,14 @@ class _Engine:
                 g = grads[info.name].reshape(n, -1, info.size)
                 out[:, info.offset : info.offset + info.size] += g.square().sum(1)
             del grads
-        return out, log_probs, classes, weights
+        return log_probs, classes, weights
 
     # -- layerwise closed forms --------------------------------------------------------------
-    def _run_layerwise(self, x, select, sqsum, class_chunk):
+    def _run_layerwise(self, x, select, sqsum, target):
         # One forward with hooks; then one ordinary backward per class (cheaper on CPU than
         # is_grads_batched, whose vmap falls back to a slow loop for e.g. max-pool backward);
-        # per-layer gradients are streamed into the output, so memory stays O(n·P).
-        del class_chunk  # nothing (n, K, P)-sized is ever formed here
+        # per-layer gradients are streamed into the output: nothing (n, K, P)-sized is formed
+        # in sqsum mode, so class_chunk does not apply.
         prep, plan = self.prep, self.plan
         modules = list(dict.fromkeys(m for m, _ in plan))
         seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -518,13 +592,11 @@ class _Engine:
         with torch.no_grad():
             log_probs = torch.log_softmax(logits.detach(), dim=-1)
             classes, weights = select(log_probs)
-            n, K, C, P = x.shape[0], classes.shape[1], logits.shape[1], prep.n_params
+            K, C = classes.shape[1], logits.shape[1]
             # ∂/∂z Σ_k w_k log p_{c_k} = Σ_k w_k (e_{c_k} − p): closed form at the logits.
             onehot = F.one_hot(classes.clamp_min(0), C).to(log_probs.dtype)
             g_logits = weights.unsqueeze(-1) * (onehot - log_probs.exp().unsqueeze(1))
-            out = torch.empty((n, P) if sqsum else (n, K, P), dtype=prep.dtype, device=x.device)
-            if not sqsum:
-                out.zero_()
+            out = target(K)
         slots: dict[nn.Module, dict[str, ParamInfo]] = {m: {} for m in modules}
         for (module, role), info in zip(plan, prep.table, strict=True):
             slots[module][role] = info
@@ -552,7 +624,7 @@ class _Engine:
                     if module not in seen:
                         for info in slots[module].values():
                             out[:, info.offset : info.offset + info.size] = 0
-        return out, log_probs, classes, weights
+        return log_probs, classes, weights
 
 
 def _check_backend(backend: str) -> None:
@@ -573,7 +645,13 @@ def _drive(
     class_chunk: int | None = None,
     n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``select`` over batches of ``x``; concatenates the per-batch results."""
+    """Run ``select`` over batches of ``x``, writing every batch into one preallocated result.
+
+    Returns:
+        ``(grads, log_probs, classes, weights)``: ``grads`` is ``(n, P)`` (``sqsum``) or
+        ``(n, R, P)`` with ``R = n_rows`` or the selection's width; ``classes`` / ``weights``
+        are ``(n, R)``, padded with class −1 and weight 0 (and zero gradient rows).
+    """
     _check_backend(backend)
     dtype, device = _check_dtype_device(model, dtype, device)
     _check_batch_size(batch_size)
@@ -581,31 +659,35 @@ def _drive(
         raise UserInputError(f"class_chunk={class_chunk!r} must be a positive int or None")
     with _eval_mode(model):
         prep = _Prepared(model, dtype, device)
-        x = _as_input(x, prep)
+        x = _as_input(x)
+        n, P = x.shape[0], prep.n_params
         engine = _Engine(prep, backend)
-        batch_size = _resolve_batch_size(batch_size, prep)
+        batch_size = _resolve_batch_size(batch_size, prep.n_params, dtype)
+        result: dict[str, torch.Tensor] = {}
+
+        def target(sl: slice, width: int) -> torch.Tensor:
+            if "grads" not in result:
+                rows = n_rows or width
+                if sqsum:  # every column is written by the engines
+                    result["grads"] = torch.empty((n, P), dtype=dtype, device=device)
+                else:  # inactive and padding rows stay zero
+                    result["grads"] = torch.zeros((n, rows, P), dtype=dtype, device=device)
+            grads = result["grads"]
+            if sqsum:
+                return grads[sl]
+            if width > grads.shape[1]:
+                raise AssertionError("selection wider than the allocated rows")
+            return grads[sl, :width]
+
         parts = []
-        for sl in _batches(x.shape[0], batch_size):
+        for sl in _batches(n, batch_size):
             xb = _cast_input(x[sl], dtype, device)
-            parts.append(engine.run(xb, select, sqsum, class_chunk))
-    width = max([p[2].shape[1] for p in parts] + [n_rows or 0])
-    parts = [_pad_rows(p, width, sqsum) for p in parts]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
-
-
-def _pad_rows(part, width: int, sqsum: bool):
-    """Pad a batch's class slots to ``width`` (class −1, weight 0, zero gradient rows)."""
-    grads, log_probs, classes, weights = part
-    extra = width - classes.shape[1]
-    if extra == 0:
-        return part
-    if not sqsum:
-        grads = F.pad(grads, (0, 0, 0, extra))
-    classes = F.pad(classes, (0, extra), value=-1)
-    weights = F.pad(weights, (0, extra))
-    return grads, log_probs, classes, weights
+            parts.append(engine.run(xb, select, sqsum, class_chunk, lambda w, sl=sl: target(sl, w)))
+    width = max([p[1].shape[1] for p in parts] + [n_rows or 0])
+    log_probs = torch.cat([p[0] for p in parts])
+    classes = torch.cat([F.pad(p[1], (0, width - p[1].shape[1]), value=-1) for p in parts])
+    weights = torch.cat([F.pad(p[2], (0, width - p[2].shape[1])) for p in parts])
+    return result["grads"], log_probs, classes, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,8 +778,8 @@ def predict_logits(
     _check_batch_size(batch_size)
     with _eval_mode(model), torch.no_grad():
         prep = _Prepared(model, dtype, device)
-        x = _as_input(x, prep)
-        batch_size = _resolve_batch_size(batch_size, prep)
+        x = _as_input(x)
+        batch_size = _resolve_batch_size(batch_size, prep.n_params, dtype)
         parts = [
             prep.forward(_cast_input(x[sl], dtype, device)) for sl in _batches(len(x), batch_size)
         ]
@@ -788,9 +870,11 @@ def per_example_fisher_diag(
     (NPEFF's ``TopClassesSparseDPefComputer``). This equals BackPACK's per-sample exact diagonal
     GGN of the summed cross-entropy, since the GGN of softmax cross-entropy is the Fisher.
 
-    The ``(n, C, P)`` per-class gradients are never held at once: classes are processed in
-    chunks (``class_chunk``, default sized to ~256 MiB) and only ``Σ_c a_c²`` is kept; for Linear
-    layers the layerwise back-end forms ``(Σ_c δ_c²) ⊗ h²`` with no per-class gradient at all.
+    The ``(n, C, P)`` per-class gradients are never held at once. The layerwise back-end runs
+    one backward per class and adds each layer's squared per-example gradient into the
+    ``(n, P)`` result (for a Linear layer it only accumulates ``Σ_c δ_c²`` and forms
+    ``(Σ_c δ_c²) ⊗ h²`` once); the ``torch.func`` back-end takes classes ``class_chunk`` at a
+    time. Classes that no example of a batch keeps (``min_prob``) cost nothing.
 
     Args:
         model: Classifier mapping ``(n, ...)`` to logits ``(n, C)``.
@@ -801,7 +885,8 @@ def per_example_fisher_diag(
         batch_size: Examples per vectorised step (default: a ~256 MiB ``(batch, P)`` block,
             at most 256 examples).
         backend: ``"auto"``, ``"func"`` or ``"layerwise"``.
-        class_chunk: Classes per backward step (default: from a memory budget).
+        class_chunk: Classes per vectorised step of the ``"func"`` back-end (default: as many
+            as fit a ~256 MiB ``(batch, chunk, P)`` block).
 
     Returns:
         ``(n, P)`` non-negative tensor.
@@ -1124,34 +1209,45 @@ def dataset_fisher_diag_sum(
         raise UserInputError(f"seed={seed!r} must be a non-negative int")
     if not isinstance(example_offset, int | np.integer) or example_offset < 0:
         raise UserInputError(f"example_offset={example_offset!r} must be a non-negative int")
+    dtype, _ = _check_dtype_device(model, dtype, device)
+    _check_batch_size(batch_size)
     n = len(x)
-    if mode == "expectation":
-        select = _probable_classes(None, None)
-    else:
+    n_params = sum(p.numel() for _, p in _trainable(model))
+    batch_size = _resolve_batch_size(batch_size, n_params, dtype)
+    if mode == "sampling":
         u = _example_uniforms(int(seed), int(example_offset), int(example_offset) + n)
-        pos = {"start": 0}
+    total = None
+    # One batch at a time so that only a (batch, P) block of squared gradients is alive.
+    for sl in _batches(n, batch_size):
+        if mode == "expectation":
+            select = _probable_classes(None, None)
+        else:
+            select = _sampled_class(u[sl])
+        f, *_ = _drive(
+            model,
+            x[sl],
+            select,
+            sqsum=True,
+            dtype=dtype,
+            device=device,
+            batch_size=sl.stop - sl.start,
+            backend=backend,
+        )
+        total = f.sum(0) if total is None else total + f.sum(0)
+    return total, n
 
-        def select(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            b = log_probs.shape[0]
-            ub = u[pos["start"] : pos["start"] + b]
-            pos["start"] += b
-            cdf = np.cumsum(log_probs.detach().to("cpu", torch.float64).exp().numpy(), axis=1)
-            y = (cdf < (ub * cdf[:, -1])[:, None]).sum(axis=1)
-            y = np.minimum(y, cdf.shape[1] - 1)
-            classes = torch.as_tensor(y, device=log_probs.device).reshape(b, 1)
-            return classes, torch.ones(b, 1, dtype=log_probs.dtype, device=log_probs.device)
 
-    f, *_ = _drive(
-        model,
-        x,
-        select,
-        sqsum=True,
-        dtype=dtype,
-        device=device,
-        batch_size=batch_size,
-        backend=backend,
-    )
-    return f.sum(0), n
+def _sampled_class(u: np.ndarray) -> Selection:
+    """``y_i ~ p(· | x_i)`` by inverse CDF from the uniforms ``u_i``, weight 1."""
+
+    def select(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = log_probs.shape[0]
+        cdf = np.cumsum(log_probs.detach().to("cpu", torch.float64).exp().numpy(), axis=1)
+        y = np.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(axis=1), cdf.shape[1] - 1)
+        classes = torch.as_tensor(y, device=log_probs.device).reshape(b, 1)
+        return classes, torch.ones(b, 1, dtype=log_probs.dtype, device=log_probs.device)
+
+    return select
 
 
 def dataset_fisher_diag(
