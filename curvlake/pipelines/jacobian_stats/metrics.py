@@ -142,6 +142,13 @@ def _check_logits(z: Tensor, y: Tensor | None) -> None:
         raise UserInputError(f"labels y must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
 
 
+def _check_output(out: Tensor) -> None:
+    if out.ndim != 2:
+        raise UserInputError(
+            f"the model must return logits of shape (n, K), got {tuple(out.shape)}"
+        )
+
+
 def _needs_y(normalization: str, target_only: bool) -> bool:
     return target_only or normalization == "crossentropy"
 
@@ -294,6 +301,7 @@ def input_jacobian(
 def _jacobian(fmap: OutputMap, x: Tensor, y: Tensor | None, chunk_size: int | None) -> Tensor:
     n = x.shape[0]
     out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
+    _check_output(out)
     k = out.shape[-1]
     if k == 1:
         (g,) = vjp_fn(torch.ones_like(out))
@@ -429,7 +437,9 @@ def lanczos_operator_norm(
         target_only: Only the target row (K' = 1: the norm is then computed exactly from one
             reverse-mode product, as for ``'crossentropy'``).
         input_transform: Callable ``T`` applied inside the differentiated function.
-        rtol: Relative tolerance of the stopping test (>= 0).
+        rtol: Relative tolerance of the stopping test (>= 0). The products run in ``x``'s dtype,
+            so an rtol below its precision (about 1e-7 for float32) may only be met when the
+            Krylov space is complete.
         max_iter: Maximum number of Lanczos steps (>= 1); at most K' are ever needed.
         seed: Seed of the start vectors (see :func:`start_vectors`).
         sample_ids: Id of each example for the start vectors; default ``0..n-1``. Pass the
@@ -455,6 +465,9 @@ def lanczos_operator_norm(
     if sample_ids.shape != (n,) or (n and int(sample_ids.min()) < 0):
         raise UserInputError(f"sample_ids must be {n} non-negative integers, one per example")
 
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+        return LanczosResult(empty, empty.long(), empty.bool())
     cl = _auto_channels_last(x, channels_last)
     fmap = output_map(
         model,
@@ -486,6 +499,7 @@ def _lanczos(
     n, dev, f64 = x.shape[0], x.device, torch.float64
     members = torch.arange(n, device=dev)  # examples covered by the current vjp function
     out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
+    _check_output(out)
     k = out.shape[-1]
     if k == 1:  # a single row: ||J||_2 = ||J^T e_1||, exact from one product
         (g,) = vjp_fn(torch.ones_like(out))
@@ -656,13 +670,16 @@ def compute_metric(
         if metric == "cross_entropy":
             return torch_f.cross_entropy(z, y, reduction="none").to(x.dtype)
         p = torch.softmax(z, dim=-1)
-        return torch.linalg.vector_norm(p - torch_f.one_hot(y, z.shape[-1]).to(p.dtype), dim=-1)
+        conf = torch.linalg.vector_norm(p - torch_f.one_hot(y, z.shape[-1]).to(p.dtype), dim=-1)
+        return conf.to(x.dtype)
 
     _check_jacobian_options(normalization, target_only)
     if method == "lanczos" and metric != "jacobian_operator":
         raise UserInputError(f"method='lanczos' applies to 'jacobian_operator', not {metric!r}")
     needs_y = _needs_y(normalization, target_only)
     _check_batch(x, y, needs_y)
+    if x.shape[0] == 0:
+        return x.new_zeros(0)
     if y is not None:
         with torch.no_grad():
             xin = x[:1] if input_transform is None else input_transform(x[:1])
