@@ -19,7 +19,7 @@ from curvlake.storage_schema._spec import (
     whole_array,
 )
 
-_KIND_MODULES = ("dataset", "run", "pefs", "dsf", "jacobian_stats")
+_KIND_MODULES = ("dataset", "run", "pefs", "dsf", "npeff", "jacobian_stats")
 
 SPECS: dict[str, ArtifactSpec] = {
     spec.kind: spec
