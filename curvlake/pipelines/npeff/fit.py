@@ -1,0 +1,521 @@
+"""NPEFF factorizations into the lake: ``run_npeff_fit``, ``run_npeff_sparsify``,
+``run_npeff_coeffs``.
+
+D-NPEFF out of core (``run_npeff_fit``, ``kind="diag"``):
+
+1. the PEF artifact (example-major top-k rows) is re-laid out once into normalized, pruned CSR
+   *column blocks* stored in the artifact's staging area (``_work/A/b<block>``), one task per
+   block;
+2. every iteration is one pass of Dask tasks over those blocks (``A Hᵀ`` and ``H Hᵀ`` are
+   reductions, each H block is updated where it lives, see :mod:`.nmf`); H is written into one
+   of two Zarr buffers every iteration and the small state (W, AHᵀ, HHᵀ, losses) into the
+   matching buffer, the iteration number last — so a killed fit, rerun, resumes from the last
+   finished iteration with the same iterates as an uninterrupted fit;
+3. on convergence (or ``max_iter``) W, H, the column map and the loss history become the
+   ``npeff`` artifact and the work area is removed.
+
+Only blocks of A (and of H) are ever in a worker's memory; W (n × r) lives on the client.
+LRM-NPEFF (``kind="lowrank"``) reads the low-rank PEFs into memory for preprocessing (n·k values),
+then runs the same kind of resumable Dask iteration over column blocks of X.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+import zarr
+from tqdm.auto import tqdm
+
+from curvlake.engine import run_tasks
+from curvlake.errors import UserInputError
+from curvlake.lake import ArtifactWriter, Lake, open_lake
+from curvlake.pipelines.npeff import lrm as lrm_solver
+from curvlake.pipelines.npeff import nmf as nmf_solver
+from curvlake.pipelines.npeff.coeffs import gram, nnls_gram, sparsify
+
+WORK = "_work"
+FIT_KINDS = ("diag", "lowrank")
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def _pefs(lake: Lake, pefs_id: str):
+    info = lake.info(pefs_id)
+    if info.kind != "pefs":
+        raise UserInputError(f"{pefs_id} is a {info.kind} artifact, not pefs")
+    return lake.open(pefs_id)
+
+
+def _store_block(block: Any, group: zarr.Group, b: int, done: zarr.Array) -> int:
+    """Write one CSR column block of A into ``group/b<b>`` (its own arrays: owned chunks)."""
+    csr = sp.csr_matrix(block)
+    sub = group.require_group(f"b{b}")
+    for name, values in (
+        ("data", csr.data),
+        ("indices", csr.indices.astype(np.int32)),
+        ("indptr", csr.indptr.astype(np.int64)),
+    ):
+        if name in sub.array_keys():
+            del sub[name]
+        sub.create_array(
+            name, shape=values.shape, chunks=(max(1, values.size),), dtype=values.dtype
+        )[...] = values
+    sub.attrs["shape"] = [int(s) for s in csr.shape]
+    done[b] = 1
+    return b
+
+
+def _load_block(url: str, b: int) -> sp.csr_matrix:
+    # No cache: out of core, a block is read when a task needs it and dropped after.
+    sub = zarr.open_group(f"{url}/b{b}", mode="r")
+    shape = tuple(sub.attrs["shape"])
+    return sp.csr_matrix((sub["data"][:], sub["indices"][:], sub["indptr"][:]), shape=shape)
+
+
+def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool):
+    """The normalized, pruned PEF matrix as a lazy Dask array of stored CSR column blocks."""
+    work = writer.group.require_group(WORK)
+    a_group = work.require_group("A")
+    if "kept_columns" not in a_group.array_keys():
+        n_params = int(pefs.attrs["n_parameters"])
+        if pefs.attrs["storage"] == "topk":
+            A, kept = nmf_solver.topk_to_dask_column_blocks(
+                pefs["values"].data,
+                pefs["indices"].data,
+                pefs["dense_norm"].data,
+                n_params=n_params,
+                block_size=block_size,
+            )
+        else:
+            matrix = nmf_solver.preprocess_pefs(
+                pefs["dense"].values, dense_norm=pefs["dense_norm"].values, block_size=block_size
+            )
+            A, kept = matrix.to_dask(), matrix.kept_columns
+        widths = [int(w) for w in A.chunks[1]]
+        done = writer.progress("A_blocks", len(widths))
+        blocks = A.to_delayed().ravel()
+        stores = [
+            dask.delayed(_store_block)(blocks[b], a_group, b, done.array) for b in done.pending()
+        ]
+        with tqdm(total=1, desc="lay out PEF column blocks", disable=not progress) as bar:
+            dask.compute(*stores)
+            bar.update()
+        a_group.attrs["widths"] = widths
+        a_group.create_array(
+            "kept_columns", shape=kept.shape, dtype="int64", chunks=(max(1, kept.size),)
+        )[...] = kept
+    widths = a_group.attrs["widths"]
+    kept = np.asarray(a_group["kept_columns"][:])
+    n = pefs.sizes["example"]
+    url = f"{writer.url}/{WORK}/A"
+    A = nmf_solver.dask_from_block_loader(
+        functools.partial(_load_block, url), n, widths, np.float32, name=f"A-{writer.id}"
+    )
+    return A, kept
+
+
+# -- D-NPEFF ---------------------------------------------------------------------------------
+
+
+def _save_state(state_group: zarr.Group, state, H_buffers) -> None:
+    """Double-buffered small state; ``meta`` (the iteration) is written last."""
+    t = state.iteration
+    arrays, meta = state.checkpoint()
+    for name in ("W", "AHt", "HHt"):
+        key = f"{name}{t % 2}"
+        value = np.asarray(arrays[name], dtype=np.float64)
+        if key not in state_group.array_keys():
+            state_group.create_array(key, shape=value.shape, dtype="float64", chunks=value.shape)
+        state_group[key][...] = value
+    state_group.attrs["meta"] = {**meta, "buffer": t % 2}
+
+
+def _load_state(A, state_group: zarr.Group, H_buffers):
+    meta = state_group.attrs.get("meta")
+    if meta is None:
+        return None
+    b = meta["buffer"]
+    arrays = {
+        "W": state_group[f"W{b}"][:],
+        "AHt": state_group[f"AHt{b}"][:],
+        "HHt": state_group[f"HHt{b}"][:],
+        "H": da.from_zarr(H_buffers[b]),
+    }
+    return nmf_solver.nmf_state_from_checkpoint(A, arrays, meta)
+
+
+def _fit_diag(writer, pefs, config: nmf_solver.NmfConfig, block_size: int, progress: bool):
+    A, kept = _column_blocks(writer, pefs, block_size, progress)
+    work = writer.group[WORK]
+    state_group = work.require_group("state")
+    r = config.n_components
+    H_buffers = []
+    for i in range(2):
+        key = f"H{i}"
+        if key not in state_group.array_keys():
+            state_group.create_array(
+                key, shape=(r, A.shape[1]), dtype="float32", chunks=(r, max(A.chunks[1]))
+            )
+        H_buffers.append(state_group[key])
+    state = _load_state(A, state_group, H_buffers)
+    if state is None:
+        state = nmf_solver.nmf_init_dask(A, config)
+        _save_state_with_h(state_group, state, H_buffers)
+    bar = tqdm(
+        total=config.max_iter,
+        initial=state.iteration,
+        desc="D-NPEFF",
+        unit="it",
+        disable=not progress,
+    )
+    steps = nmf_solver.iter_nmf_dask(A, config, state=state, h_target=lambda t: H_buffers[t % 2])
+    for step in steps:
+        state = step
+        _save_state(state_group, state, H_buffers)
+        bar.update()
+        bar.set_postfix(loss=f"{state.losses[-1]:.5f}")
+    bar.close()
+    return state, kept
+
+
+def _save_state_with_h(state_group, state, H_buffers) -> None:
+    """The initial state: its H (lazy random init) is stored in buffer 0 first."""
+    da.store(state.H.astype(np.float32), H_buffers[0], lock=False)
+    state.H = da.from_zarr(H_buffers[0])
+    _save_state(state_group, state, H_buffers)
+
+
+# -- LRM-NPEFF -------------------------------------------------------------------------------
+
+
+def _lrm_matrix(pefs, block_size: int) -> lrm_solver.LrmPefMatrix:
+    if pefs.attrs["pef_kind"] == "diag":
+        raise UserInputError("LRM-NPEFF needs lowrank or lvrm PEFs (pefs compute --kind lowrank)")
+    if pefs.attrs["storage"] == "topk":
+        return lrm_solver.preprocess_lrm_pefs(
+            pefs["values"].values,
+            pefs["class_index"].values,
+            pefs["indices"].values,
+            pefs["dense_norm"].values,
+            n_params=int(pefs.attrs["n_parameters"]),
+            n_classes=int(pefs.sizes.get("class", pefs.attrs["num_classes"])),
+            block_size=block_size,
+        )
+    return lrm_solver.preprocess_lrm_pefs(
+        pefs["factors"].values, frobenius_norm=pefs["dense_norm"].values, block_size=block_size
+    )
+
+
+def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, progress: bool):
+    matrix = _lrm_matrix(pefs, block_size)
+    X = matrix.to_dask()
+    C = matrix.n_classes
+    state_group = writer.group.require_group(WORK).require_group("lrm_state")
+    state = None
+    meta = state_group.attrs.get("meta")
+    if meta is not None:
+        b = meta["buffer"]
+        arrays = {
+            name: state_group[f"{name}{b}"][:]
+            for name in ("W", "G", "AG", "S", "adam_m", "adam_v")
+            if f"{name}{b}" in state_group
+        }
+        state = lrm_solver.lrm_state_from_checkpoint(X, arrays, meta)
+    total = config.n_iters_g_only + config.n_iters_joint
+    bar = tqdm(
+        total=total,
+        initial=0 if state is None else state.iteration,
+        desc="LRM-NPEFF",
+        unit="it",
+        disable=not progress,
+    )
+    final = state
+    for final in lrm_solver.iter_lrm_dask(
+        X, config, n_classes=C, state=state, tr_const=matrix.tr_const
+    ):
+        arrays, meta = final.checkpoint()
+        b = final.iteration % 2
+        for name, value in arrays.items():
+            if value is None:
+                continue
+            value = np.asarray(value.compute() if isinstance(value, da.Array) else value)
+            key = f"{name}{b}"
+            if key not in state_group.array_keys():
+                state_group.create_array(
+                    key, shape=value.shape, dtype=value.dtype, chunks=value.shape or (1,)
+                )
+            state_group[key][...] = value
+        state_group.attrs["meta"] = {**meta, "buffer": b}
+        bar.update()
+        bar.set_postfix(loss=f"{final.losses[-1]:.5f}")
+    bar.close()
+    if final is None:  # zero iterations asked for
+        final = lrm_solver.lrm_init_dask(X, config, n_classes=C, tr_const=matrix.tr_const)
+    return final, matrix.kept_columns
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def run_npeff_fit(
+    lake: Lake | str,
+    pefs_id: str,
+    *,
+    n_components: int,
+    kind: str = "diag",
+    solver: str = "hals",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    block_size: int = 16384,
+    lrm_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> str:
+    """Factorize a PEF artifact into ``n_components`` NPEFF components; return the npeff id.
+
+    Args:
+        lake: the lake (or its URL).
+        pefs_id: a ``pefs`` artifact (diag for D-NPEFF; lowrank/lvrm for LRM-NPEFF).
+        n_components: r.
+        kind: ``diag`` (D-NPEFF) or ``lowrank`` (LRM-NPEFF).
+        solver: D-NPEFF solver, ``hals`` (default; lower loss in less time, see
+            benchmarks/RESULTS.md) or ``mu`` (the seed's multiplicative updates).
+        max_iter, tol, seed: iterations, relative-loss tolerance, init seed.
+        block_size: columns per block of the PEF matrix (the unit of work and of storage).
+        lrm_options: LRM-NPEFF settings (``n_iters_g_only``, ``learning_rate``, ``optimizer``,
+            ``ortho_strength`` ...; see ``LrmConfig``); ``max_iter`` is its joint iterations.
+    """
+    lake = open_lake(lake) if isinstance(lake, str) else lake
+    pefs = _pefs(lake, pefs_id)
+    if kind not in FIT_KINDS:
+        raise UserInputError(f"kind={kind!r} is not one of: {', '.join(FIT_KINDS)}")
+    n = pefs.sizes["example"]
+    if not isinstance(n_components, int) or not 1 <= n_components <= n:
+        raise UserInputError(
+            f"n_components must be an integer in 1..{n} (the number of "
+            f"examples), got {n_components!r}"
+        )
+    if not isinstance(block_size, int) or block_size < 1:
+        raise UserInputError(f"block_size must be a positive integer, got {block_size!r}")
+    if kind == "diag":
+        if pefs.attrs["pef_kind"] != "diag":
+            raise UserInputError(
+                f"{pefs_id} holds {pefs.attrs['pef_kind']} PEFs; D-NPEFF needs "
+                "diag PEFs (or use --kind lowrank)"
+            )
+        fit_config: Any = nmf_solver.NmfConfig(
+            n_components=n_components, solver=solver, max_iter=max_iter, tol=tol, seed=seed
+        )
+    else:
+        options = {"n_iters_joint": max_iter, "tol": tol, "seed": seed, **(lrm_options or {})}
+        try:
+            fit_config = lrm_solver.LrmConfig(n_components=n_components, **options)
+        except TypeError as error:
+            raise UserInputError(f"bad LRM option: {error}") from None
+    config = {
+        "kind": kind,
+        "n_components": n_components,
+        "block_size": block_size,
+        "solver": solver if kind == "diag" else fit_config.optimizer,
+        "max_iter": max_iter,
+        "tol": tol,
+        "seed": seed,
+        "lrm_options": dict(lrm_options or {}) if kind == "lowrank" else None,
+    }
+    writer = lake.begin("npeff", config, [pefs_id])
+    if writer.complete:
+        return writer.id
+    try:
+        if kind == "diag":
+            state, kept = _fit_diag(writer, pefs, fit_config, block_size, progress)
+            factor_name, factor = "H", state.H
+        else:
+            state, kept = _fit_lowrank(writer, pefs, fit_config, block_size, progress)
+            factor_name, factor = "G", state.G
+        writer.write("W", np.asarray(state.W, dtype=np.float64))
+        target = writer.create_array(
+            factor_name,
+            factor.shape,
+            "float32",
+            chunks=(factor.shape[0], min(block_size, factor.shape[1])),
+        )
+        da.store(da.asarray(factor).astype(np.float32).rechunk(target.chunks), target, lock=False)
+        writer.write("kept_columns", np.asarray(kept, dtype=np.int64))
+        writer.write("loss", np.asarray(state.losses, dtype=np.float64))
+        writer.write(
+            "seconds", np.asarray([0.0, *state.seconds], dtype=np.float64)[: len(state.losses)]
+        )
+        writer.write("label", pefs["label"].values)
+        writer.write("sample_id", pefs["sample_id"].values)
+        writer.set_attrs(
+            format="dense" if kind == "diag" else "lowrank",
+            n_components=n_components,
+            n_parameters=int(pefs.attrs["n_parameters"]),
+            solver=config["solver"],
+            converged=bool(state.converged),
+            pefs=pefs_id,
+            iterations=int(state.iteration),
+        )
+        if WORK in writer.group.group_keys():
+            del writer.group[WORK]
+    except BaseException as error:
+        writer.fail(f"{type(error).__name__}: {error}")
+        raise
+    return writer.commit()
+
+
+def run_npeff_sparsify(lake: Lake | str, npeff_id: str, *, threshold: float) -> str:
+    """Row-normalize H, move the scale into W, drop entries below ``threshold`` (CSR H)."""
+    lake = open_lake(lake) if isinstance(lake, str) else lake
+    source = lake.open(npeff_id)
+    if source.attrs.get("curvlake:kind") != "npeff" or source.attrs.get("format") != "dense":
+        raise UserInputError(f"{npeff_id} is not a dense D-NPEFF artifact")
+    if not threshold >= 0:
+        raise UserInputError(f"threshold must be >= 0, got {threshold}")
+    writer = lake.begin("npeff", {"sparsify_threshold": float(threshold)}, [npeff_id])
+    if writer.complete:
+        return writer.id
+    W, H = sparsify(source["W"].values, source["H"].data, threshold)
+    writer.write("W", W)
+    writer.write("H_data", np.asarray(H.values, dtype=np.float32))
+    writer.write("H_indices", np.asarray(H.indices, dtype=np.int64))
+    writer.write("H_indptr", H.indptr)
+    for name in ("kept_columns", "loss", "seconds", "label", "sample_id"):
+        writer.write(name, source[name].values)
+    attrs = {
+        k: v
+        for k, v in source.attrs.items()
+        if not k.startswith("curvlake:") and k != "coordinates"
+    }
+    attrs.update(format="csr", threshold=float(threshold), sparsified_from=npeff_id)
+    writer.set_attrs(**attrs)
+    return writer.commit()
+
+
+def dense_components(lake: Lake, npeff_id: str) -> np.ndarray:
+    """H (r × kept columns) of an npeff artifact as a dense array (dense or CSR format)."""
+    ds = lake.open(npeff_id)
+    if ds.attrs["format"] == "dense":
+        return ds["H"].values
+    if ds.attrs["format"] == "lowrank":
+        return ds["G"].values
+    shape = (ds.sizes["component_ptr"] - 1, ds.sizes["column"])
+    return sp.csr_matrix(
+        (ds["H_data"].values, ds["H_indices"].values, ds["H_indptr"].values), shape=shape
+    ).toarray()
+
+
+@functools.lru_cache(maxsize=2)
+def _components_and_gram(lake_url: str, npeff_id: str):
+    H = dense_components(open_lake(lake_url), npeff_id).astype(np.float64)
+    return H, gram(H)
+
+
+def _coeff_block(lake_url, npeff_id, pefs_id, rows: slice, out, done, block, options) -> int:
+    lake = open_lake(lake_url)
+    H, G = _components_and_gram(lake_url, npeff_id)
+    kept = np.asarray(lake.group(npeff_id)["kept_columns"][:])
+    group = lake.group(pefs_id)
+    n_params = int(group.attrs["n_parameters"])
+    norm = np.asarray(group["dense_norm"][rows], dtype=np.float64)
+    if group.attrs["storage"] == "topk":
+        values = np.asarray(group["values"][rows], dtype=np.float64)
+        indices = np.asarray(group["indices"][rows], dtype=np.int64)
+        m, k = values.shape
+        A = sp.csr_matrix(
+            (values.ravel(), (np.repeat(np.arange(m), k), indices.ravel())), shape=(m, n_params)
+        )
+    else:
+        A = sp.csr_matrix(np.asarray(group["dense"][rows], dtype=np.float64))
+    A = sp.diags(1 / (norm + nmf_solver.NORM_EPS)) @ A[:, kept]
+    B = np.asarray(A @ H.T)
+    out[rows] = nnls_gram(G, B, method=options["method"], max_iter=options["max_iter"])
+    done[block] = 1
+    return block
+
+
+def run_npeff_coeffs(
+    lake: Lake | str,
+    npeff_id: str,
+    pefs_id: str,
+    *,
+    method: str = "hals",
+    max_iter: int = 1000,
+    block_size: int = 1024,
+    progress: bool = True,
+) -> str:
+    """Coefficients of new D-PEFs on fixed components: per-example NNLS, streamed in blocks.
+
+    ``w_i = argmin_{w >= 0} ||a_i - w H||^2`` with ``a_i`` normalized and restricted to the
+    components' kept columns, solved from ``H Hᵀ`` and ``a_i Hᵀ``. The result is an ``npeff``
+    artifact with the same components and the new W.
+    """
+    lake = open_lake(lake) if isinstance(lake, str) else lake
+    components = lake.open(npeff_id)
+    pefs = _pefs(lake, pefs_id)
+    if components.attrs.get("format") not in ("dense", "csr"):
+        raise UserInputError(f"{npeff_id} is not a D-NPEFF artifact")
+    if pefs.attrs["pef_kind"] != "diag":
+        raise UserInputError(f"{pefs_id} holds {pefs.attrs['pef_kind']} PEFs, need diag")
+    if int(pefs.attrs["n_parameters"]) != int(components.attrs["n_parameters"]):
+        raise UserInputError(
+            f"{pefs_id} has {pefs.attrs['n_parameters']} parameters, the "
+            f"components {components.attrs['n_parameters']}: not the same model"
+        )
+    n, r = pefs.sizes["example"], components.attrs["n_components"]
+    config = {
+        "coefficients_of": pefs_id,
+        "method": method,
+        "max_iter": max_iter,
+        "block_size": block_size,
+    }
+    writer = lake.begin("npeff", config, [npeff_id, pefs_id])
+    if writer.complete:
+        return writer.id
+    try:
+        out = writer.create_array("W", (n, r), "float64", chunks=(block_size, r))
+        done = writer.progress("blocks", -(-n // block_size))
+        options = {"method": method, "max_iter": max_iter}
+        tasks = [
+            (
+                lake.url,
+                npeff_id,
+                pefs_id,
+                slice(b * block_size, min(n, (b + 1) * block_size)),
+                out,
+                done.array,
+                b,
+                options,
+            )
+            for b in done.pending()
+        ]
+        run_tasks(_coeff_block, tasks, description="NNLS coefficients", progress=progress)
+        fmt = components.attrs["format"]
+        names = ["kept_columns"] + (
+            ["H"] if fmt == "dense" else ["H_data", "H_indices", "H_indptr"]
+        )
+        for name in names:
+            writer.write(name, components[name].values)
+        writer.write("loss", np.zeros(0))
+        writer.write("seconds", np.zeros(0))
+        writer.write("label", pefs["label"].values)
+        writer.write("sample_id", pefs["sample_id"].values)
+        writer.set_attrs(
+            format=fmt,
+            n_components=r,
+            n_parameters=int(pefs.attrs["n_parameters"]),
+            solver=f"nnls-{method}",
+            converged=True,
+            pefs=pefs_id,
+            components_from=npeff_id,
+        )
+    except BaseException as error:
+        writer.fail(f"{type(error).__name__}: {error}")
+        raise
+    return writer.commit()
