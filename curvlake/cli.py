@@ -390,6 +390,266 @@ def runs_export(settings: Settings, run_id, path, checkpoint):
     click.echo(f"wrote {export_state_dict(settings.lake(), run_id, path, checkpoint)}")
 
 
+# -- NPEFF -------------------------------------------------------------------------------------
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of integers", param_hint=what
+        ) from None
+
+
+@cli.group(cls=_Group)
+def pefs():
+    """Per-example Fishers (NPEFF): compute, dataset-level Fisher, filter, import."""
+
+
+@pefs.command("compute")
+@click.option("--run", "run_id", required=True, help="Run id.")
+@click.option(
+    "--checkpoint",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Checkpoint index (negative from the end).",
+)
+@click.option(
+    "--data",
+    "split",
+    type=click.Choice(["train", "val", "test"]),
+    default="train",
+    show_default=True,
+    help="Split of the run's dataset.",
+)
+@click.option("--n-examples", type=click.IntRange(min=1), help="First N examples (default all).")
+@click.option(
+    "--kind",
+    "pef_kind",
+    type=click.Choice(["diag", "lowrank", "lvrm"]),
+    default="diag",
+    show_default=True,
+)
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Entries kept per example (top-k storage).",
+)
+@click.option("--storage", type=click.Choice(["topk", "dense"]), default="topk", show_default=True)
+@click.option("--min-prob", type=click.FloatRange(0, 1), help="diag/lvrm class threshold.")
+@click.option("--top-k-classes", type=click.IntRange(min=1), help="lowrank: largest logits.")
+@click.option("--max-classes", type=click.IntRange(min=1), help="lvrm: classes per example.")
+@click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True)
+@pass_settings
+def pefs_compute(
+    settings: Settings,
+    run_id,
+    checkpoint,
+    split,
+    n_examples,
+    pef_kind,
+    k,
+    storage,
+    min_prob,
+    top_k_classes,
+    max_classes,
+    block_size,
+):
+    """Compute per-example Fishers of a run's checkpoint (resumable)."""
+    from curvlake.pipelines.npeff.compute_pefs import run_pefs
+
+    lake_ = settings.lake()
+    with settings.cluster_session():
+        pefs_id = run_pefs(
+            lake_,
+            run_id,
+            checkpoint=checkpoint,
+            split=split,
+            n_examples=n_examples,
+            pef_kind=pef_kind,
+            k=k,
+            storage=storage,
+            min_prob=min_prob,
+            top_k_classes=top_k_classes,
+            max_classes=max_classes,
+            block_size=block_size,
+        )
+    click.echo(pefs_id)
+
+
+@pefs.command("dsf")
+@click.option("--run", "run_id", required=True)
+@click.option("--checkpoint", type=int, default=-1, show_default=True)
+@click.option(
+    "--data",
+    "split",
+    type=click.Choice(["train", "val", "test"]),
+    default="train",
+    show_default=True,
+)
+@click.option("--n-examples", type=click.IntRange(min=1))
+@click.option(
+    "--mode",
+    type=click.Choice(["expectation", "sampling"]),
+    default="expectation",
+    show_default=True,
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@pass_settings
+def pefs_dsf(settings: Settings, run_id, checkpoint, split, n_examples, mode, seed):
+    """Dataset-level diagonal Fisher (mean D-PEF, or sampled-label Fisher)."""
+    from curvlake.pipelines.npeff.compute_pefs import run_dsf
+
+    lake_ = settings.lake()
+    with settings.cluster_session():
+        click.echo(
+            run_dsf(
+                lake_,
+                run_id,
+                checkpoint=checkpoint,
+                split=split,
+                n_examples=n_examples,
+                mode=mode,
+                seed=seed,
+            )
+        )
+
+
+@pefs.command("filter")
+@click.argument("pefs_id")
+@click.option("--incorrect-only", is_flag=True, help="Keep misclassified examples.")
+@click.option("--labels", help="Keep these labels (comma-separated).")
+@click.option("--indices", help="Keep these example positions (comma-separated).")
+@pass_settings
+def pefs_filter(settings: Settings, pefs_id, incorrect_only, labels, indices):
+    """A new PEF artifact with only the selected examples."""
+    from curvlake.pipelines.npeff.compute_pefs import run_filter
+
+    click.echo(
+        run_filter(
+            settings.lake(),
+            pefs_id,
+            incorrect_only=incorrect_only,
+            labels=_int_list(labels, "--labels"),
+            indices=_int_list(indices, "--indices"),
+        )
+    )
+
+
+@cli.group(cls=_Group)
+def npeff():
+    """NPEFF components: fit, sparsify, coefficients, top examples, perturbations."""
+
+
+@npeff.command("fit")
+@click.option("--pefs", "pefs_id", required=True, help="PEF artifact id.")
+@click.option("--components", type=click.IntRange(min=1), required=True, help="r.")
+@click.option(
+    "--kind",
+    type=click.Choice(["diag", "lowrank"]),
+    default="diag",
+    show_default=True,
+    help="D-NPEFF or LRM-NPEFF.",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(["hals", "mu"]),
+    default="hals",
+    show_default=True,
+    help="D-NPEFF solver (mu = the seed's multiplicative updates).",
+)
+@click.option("--max-iter", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--tol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=16384,
+    show_default=True,
+    help="Parameters per column block.",
+)
+@click.option(
+    "--lrm",
+    "lrm_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="LRM-NPEFF option, e.g. --lrm learning_rate=1e-3 --lrm n_iters_g_only=50.",
+)
+@pass_settings
+def npeff_fit(
+    settings: Settings,
+    pefs_id,
+    components,
+    kind,
+    solver,
+    max_iter,
+    tol,
+    seed,
+    block_size,
+    lrm_items,
+):
+    """Factorize PEFs into non-negative components (resumable, out of core)."""
+    from curvlake.pipelines.npeff.fit import run_npeff_fit
+
+    lake_ = settings.lake()
+    with settings.cluster_session():
+        npeff_id = run_npeff_fit(
+            lake_,
+            pefs_id,
+            n_components=components,
+            kind=kind,
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
+            seed=seed,
+            block_size=block_size,
+            lrm_options=_parse_assignments(lrm_items, "--lrm"),
+        )
+    ds = lake_.open(npeff_id)
+    click.echo(
+        f"{npeff_id}  {int(ds.attrs['iterations'])} iterations, final loss "
+        f"{float(ds['loss'][-1]):.5g}, converged: {ds.attrs['converged']}"
+    )
+
+
+@npeff.command("sparsify")
+@click.argument("npeff_id")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=0),
+    required=True,
+    help="Drop entries of the unit-norm rows of H below this.",
+)
+@pass_settings
+def npeff_sparsify(settings: Settings, npeff_id, threshold):
+    """Row-normalize H, move the scale into W, threshold: a sparse (CSR) copy."""
+    from curvlake.pipelines.npeff.fit import run_npeff_sparsify
+
+    click.echo(run_npeff_sparsify(settings.lake(), npeff_id, threshold=threshold))
+
+
+@npeff.command("coeffs")
+@click.argument("npeff_id")
+@click.option("--pefs", "pefs_id", required=True, help="New PEFs (same model).")
+@click.option(
+    "--method", type=click.Choice(["hals", "active_set", "mu"]), default="hals", show_default=True
+)
+@pass_settings
+def npeff_coeffs(settings: Settings, npeff_id, pefs_id, method):
+    """Fit W for new PEFs with the components fixed (per-example NNLS, streamed)."""
+    from curvlake.pipelines.npeff.fit import run_npeff_coeffs
+
+    lake_ = settings.lake()
+    with settings.cluster_session():
+        click.echo(run_npeff_coeffs(lake_, npeff_id, pefs_id, method=method))
+
+
 # -- dataset statistics -----------------------------------------------------------------------
 
 
