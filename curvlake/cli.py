@@ -650,6 +650,112 @@ def npeff_coeffs(settings: Settings, npeff_id, pefs_id, method):
         click.echo(run_npeff_coeffs(lake_, npeff_id, pefs_id, method=method))
 
 
+@npeff.command("top")
+@click.argument("npeff_id")
+@click.option("--components", help="Component indices, comma-separated (default: all).")
+@click.option("--n-top", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write a collage of the top examples' images (PNG) here instead of a table.",
+)
+@pass_settings
+def npeff_top(settings: Settings, npeff_id, components, n_top, out):
+    """Top examples of each component (largest W): a table, or an image collage with --out."""
+    from curvlake.pipelines.npeff.downstream import top_examples_collage, top_examples_table
+
+    lake_ = settings.lake()
+    selected = _int_list(components, "--components")
+    if out:
+        path = top_examples_collage(lake_, npeff_id, out, components=selected, n_top=n_top)
+        click.echo(f"wrote {path}")
+        return
+    rows = top_examples_table(lake_, npeff_id, components=selected, n_top=n_top)
+    click.echo(
+        f"{'component':>9} {'rank':>4} {'example':>7} {'sample_id':>9} {'label':>5} {'W':>12}"
+    )
+    for row in rows:
+        click.echo(
+            f"{row.component:>9} {row.rank:>4} {row.example:>7} {row.sample_id:>9} "
+            f"{row.label:>5} {row.w:>12.5g}"
+        )
+
+
+@npeff.command("perturb")
+@click.argument("npeff_id")
+@click.option("--components", help="Component indices, comma-separated (default: all).")
+@click.option(
+    "--epsilon",
+    type=click.FloatRange(min=0),
+    default=0.1,
+    show_default=True,
+    help="L2 norm of the parameter move along each unit component direction.",
+)
+@click.option("--n-top", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--n-baseline",
+    type=click.IntRange(min=1),
+    help="Random baseline examples (default: min(128, n - n_top)).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True
+)
+@pass_settings
+def npeff_perturb(
+    settings: Settings, npeff_id, components, epsilon, n_top, n_baseline, seed, dtype
+):
+    """Perturbation test: KL on the top examples vs a random baseline along each component."""
+    from curvlake.pipelines.npeff.downstream import run_perturbation
+
+    lake_ = settings.lake()
+    with settings.cluster_session():
+        perturbation_id = run_perturbation(
+            lake_,
+            npeff_id,
+            components=_int_list(components, "--components"),
+            epsilon=epsilon,
+            n_top=n_top,
+            n_baseline=n_baseline,
+            seed=seed,
+            dtype=dtype,
+        )
+    ds = lake_.open(perturbation_id)
+    click.echo(
+        f"{'component':>9} {'KL top +':>10} {'KL top -':>10} {'KL base +':>10} "
+        f"{'KL base -':>10} {'ratio +':>10} {'ratio -':>10}"
+    )
+    for i, j in enumerate(ds["component"].values):
+        values = [float(v) for n in ("kl_top", "kl_baseline", "kl_ratio") for v in ds[n].values[i]]
+        click.echo(f"{int(j):>9} " + " ".join(f"{v:>10.4g}" for v in values))
+    click.echo(perturbation_id)
+
+
+@npeff.command("import-hdf5")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--pefs", "pefs_id", help="The PEF artifact it was fitted on (labels, run).")
+@pass_settings
+def npeff_import_hdf5(settings: Settings, path, pefs_id):
+    """Import a D-NPEFF (dense or sparse) or LRM-NPEFF HDF5 file of the reference code."""
+    from curvlake.pipelines.npeff.hdf5_import import import_npeff_hdf5
+
+    click.echo(import_npeff_hdf5(settings.lake(create=True), path, pefs_id=pefs_id))
+
+
+# -- paste into curvlake/cli.py: after `pefs_filter` (pefs group) --------------------------------
+
+
+@pefs.command("import-hdf5")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--name", help="A name for the data (default: the file stem).")
+@pass_settings
+def pefs_import_hdf5(settings: Settings, path, name):
+    """Import a D-PEF or LRM-PEF HDF5 file of the NPEFF reference implementation."""
+    from curvlake.pipelines.npeff.hdf5_import import import_pefs_hdf5
+
+    click.echo(import_pefs_hdf5(settings.lake(create=True), path, name=name))
+
+
 # -- dataset statistics -----------------------------------------------------------------------
 
 

@@ -129,6 +129,16 @@ def client_session(**kwargs: Any) -> Iterator[Any]:
             cluster.close()
 
 
+def torch_device() -> str:
+    """The torch device for a task on this worker: ``cuda`` where a GPU is visible, else ``cpu``.
+
+    dask-cuda gives each worker process one GPU (``CUDA_VISIBLE_DEVICES``), so ``cuda`` is it.
+    """
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def current_client():
     """The active ``distributed.Client``, or None (run in this process)."""
     try:

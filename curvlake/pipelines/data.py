@@ -27,7 +27,7 @@ def is_dataset_id(name: str) -> bool:
     return bool(_DATASET_ID.match(str(name)))
 
 
-def _file_digest(*paths: Path) -> str:
+def file_sha256(*paths: Path) -> str:
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
@@ -93,7 +93,7 @@ def import_dataset(
     sources = [path] + ([labels] if labels else [])
     config = {
         "name": name,
-        "source_sha256": _file_digest(*sources),
+        "source_sha256": file_sha256(*sources),
         "num_classes": checked.num_classes,
     }
     writer = lake.begin("dataset", config)

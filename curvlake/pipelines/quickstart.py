@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from curvlake.lake import Lake
 from curvlake.pipelines.jacobian_stats.pipeline import run_stats
+from curvlake.pipelines.npeff.compute_pefs import run_pefs
+from curvlake.pipelines.npeff.downstream import top_examples_collage
+from curvlake.pipelines.npeff.fit import run_npeff_fit
 from curvlake.pipelines.train import run_train
 
 MLP_CONFIG = {
@@ -73,4 +77,16 @@ def run_quickstart(lake: Lake, *, echo: Callable[[str], None] = print) -> Quicks
                 f"{float(means.jacobian_operator[r, c]):.3f}, "
                 f"test accuracy {float(means.accuracy[r, c]):.3f}"
             )
+    echo("per-example Fishers of the CNN (500 training examples) and their D-NPEFF components")
+    pefs_id = run_pefs(lake, result.runs["cnn"], n_examples=500, k=1024, progress=False)
+    npeff_id = run_npeff_fit(lake, pefs_id, n_components=8, max_iter=100, progress=False)
+    result.artifacts["pefs"] = pefs_id
+    result.artifacts["npeff"] = npeff_id
+    loss = lake.open(npeff_id)["loss"].values
+    echo(f"  relative loss {loss[0]:.3f} -> {loss[-1]:.3f} in {len(loss) - 1} iterations")
+    collage = Path(lake.url).parent / "quickstart-npeff-top-examples.png"
+    if not lake.local:
+        collage = Path("quickstart-npeff-top-examples.png")
+    top_examples_collage(lake, npeff_id, collage, components=[0, 1, 2, 3], n_top=8)
+    result.figures["top examples of NPEFF components 0-3"] = str(collage)
     return result

@@ -9,6 +9,7 @@ with exactly the weights of an uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,6 +73,18 @@ def training_data(lake: Lake, config: TrainConfig) -> tuple[Splits, np.ndarray, 
         return with_label_noise(splits, config), splits.train.y, [config.dataset]
     splits, clean = load_training_data(config)
     return splits, clean, []
+
+
+@functools.lru_cache(maxsize=4)
+def cached_run_splits(lake_url: str, run_id: str) -> Splits:
+    """The data splits a run was trained on (noisy train labels), cached per process.
+
+    Tasks of every pipeline read their example blocks from here, so a worker loads a dataset
+    once.
+    """
+    lake = open_lake(lake_url)
+    splits, _, _ = training_data(lake, as_train_config(lake.info(run_id).config))
+    return splits
 
 
 def write_model_tables(writer: ArtifactWriter, model: torch.nn.Module) -> None:

@@ -19,7 +19,15 @@ from curvlake.storage_schema._spec import (
     whole_array,
 )
 
-_KIND_MODULES = ("dataset", "run", "pefs", "dsf", "npeff", "jacobian_stats")
+_KIND_MODULES = (
+    "dataset",
+    "run",
+    "pefs",
+    "dsf",
+    "npeff",
+    "npeff_perturbation",
+    "jacobian_stats",
+)
 
 SPECS: dict[str, ArtifactSpec] = {
     spec.kind: spec

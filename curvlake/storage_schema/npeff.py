@@ -17,8 +17,14 @@ def _example():
         "label": rng.integers(0, 3, n).astype(np.int64),
         "sample_id": np.arange(n, dtype=np.int64),
     }
-    attrs = {"format": "dense", "n_components": r, "n_parameters": 10, "solver": "hals",
-             "converged": False, "pefs": "pefs-0000000000000000"}
+    attrs = {
+        "format": "dense",
+        "n_components": r,
+        "n_parameters": 10,
+        "solver": "hals",
+        "converged": False,
+        "pefs": "pefs-0000000000000000",
+    }
     return arrays, attrs
 
 
@@ -36,30 +42,71 @@ SPEC = ArtifactSpec(
     ),
     arrays=(
         ArraySpec("W", ("example", "component"), "float", "coefficients (non-negative)"),
-        ArraySpec("H", ("component", "column"), "float", "components (non-negative)",
-                  variants=("dense",),
-                  chunking=lambda shape, itemsize, budget: (shape[0], max(1, min(
-                      shape[1], budget // max(1, shape[0] * itemsize))))),
-        ArraySpec("G", ("component", "column"), "float", "LRM-NPEFF component vectors g_j",
-                  variants=("lowrank",),
-                  chunking=lambda shape, itemsize, budget: (shape[0], max(1, min(
-                      shape[1], budget // max(1, shape[0] * itemsize))))),
-        ArraySpec("H_data", ("nnz",), "float32", "CSR values of the sparse H",
-                  variants=("csr",)),
+        ArraySpec(
+            "H",
+            ("component", "column"),
+            "float",
+            "components (non-negative)",
+            variants=("dense",),
+            chunking=lambda shape, itemsize, budget: (
+                shape[0],
+                max(1, min(shape[1], budget // max(1, shape[0] * itemsize))),
+            ),
+        ),
+        ArraySpec(
+            "G",
+            ("component", "column"),
+            "float",
+            "LRM-NPEFF component vectors g_j",
+            variants=("lowrank",),
+            chunking=lambda shape, itemsize, budget: (
+                shape[0],
+                max(1, min(shape[1], budget // max(1, shape[0] * itemsize))),
+            ),
+        ),
+        ArraySpec("H_data", ("nnz",), "float32", "CSR values of the sparse H", variants=("csr",)),
         ArraySpec("H_indices", ("nnz",), "int64", "CSR column of each value", variants=("csr",)),
-        ArraySpec("H_indptr", ("component_ptr",), "int64", "CSR row pointers (r + 1)",
-                  variants=("csr",), chunking=whole_array),
-        ArraySpec("kept_columns", ("column",), "int64",
-                  "parameter index (into the flat parameter vector) of each column",
-                  chunking=whole_array),
-        ArraySpec("loss", ("iteration",), "float64", "relative loss per iteration",
-                  chunking=whole_array),
-        ArraySpec("seconds", ("iteration",), "float64", "wall time of each iteration",
-                  chunking=whole_array),
-        ArraySpec("label", ("example",), "int64", "label of the example", role="coord",
-                  chunking=whole_array),
-        ArraySpec("sample_id", ("example",), "int64", "index of the example in its split",
-                  role="coord", chunking=whole_array),
+        ArraySpec(
+            "H_indptr",
+            ("component_ptr",),
+            "int64",
+            "CSR row pointers (r + 1)",
+            variants=("csr",),
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "kept_columns",
+            ("column",),
+            "int64",
+            "parameter index (into the flat parameter vector) of each column",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "loss", ("iteration",), "float64", "relative loss per iteration", chunking=whole_array
+        ),
+        ArraySpec(
+            "seconds",
+            ("iteration",),
+            "float64",
+            "wall time of each iteration",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "label",
+            ("example",),
+            "int64",
+            "label of the example",
+            role="coord",
+            chunking=whole_array,
+        ),
+        ArraySpec(
+            "sample_id",
+            ("example",),
+            "int64",
+            "index of the example in its split",
+            role="coord",
+            chunking=whole_array,
+        ),
     ),
     attrs=(
         AttrSpec("n_components", "r"),

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvlake.engine import run_tasks
+from curvlake.engine import run_tasks, torch_device
 from curvlake.errors import UserInputError
 from curvlake.lake import Lake, open_lake
 from curvlake.lake.checkpoints import load_model
-from curvlake.nn.datasets import Splits
 from curvlake.pipelines.jacobian_stats.metrics import (
     JACOBIAN_METRICS,
     METHODS,
@@ -27,7 +26,7 @@ from curvlake.pipelines.jacobian_stats.metrics import (
     NORMALIZATIONS,
     compute_metric,
 )
-from curvlake.pipelines.train import as_train_config, training_data
+from curvlake.pipelines.train import as_train_config, cached_run_splits
 
 INPUT_SPACES = ("standardized", "raw")
 SPLITS = ("train", "val", "test")
@@ -53,21 +52,10 @@ def _run_config(lake: Lake, run_id: str):
     return as_train_config(info.config)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_data(lake_url: str, run_id: str) -> Splits:
-    lake = open_lake(lake_url)
-    splits, _, _ = training_data(lake, _run_config(lake, run_id))
-    return splits
-
-
 @functools.lru_cache(maxsize=2)
 def _cached_model(lake_url: str, run_id: str, checkpoint: int, dtype: str, device: str):
     model = load_model(open_lake(lake_url), run_id, checkpoint)
     return model.to(device=device, dtype=DTYPES[dtype])
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def select_checkpoints(n_checkpoints: int, checkpoints: str | Sequence[int], run_id: str):
@@ -101,8 +89,8 @@ def _stats_task(
     task_index: int,
     options: dict,
 ) -> int:
-    device = _device()
-    splits = _cached_data(lake_url, run_id)
+    device = torch_device()
+    splits = cached_run_splits(lake_url, run_id)
     split = splits.split(options["split"])
     rows = slice(block * block_size, min((block + 1) * block_size, len(split)))
     dtype = DTYPES[options["dtype"]]
@@ -202,7 +190,7 @@ def run_stats(
         chosen = select_checkpoints(group["theta"].shape[0], checkpoints, run_id)
         selections.append(chosen)
         epochs.append(np.asarray(group["checkpoint_epoch"][:])[chosen])
-        splits = _cached_data(lake.url, run_id)
+        splits = cached_run_splits(lake.url, run_id)
         part = splits.split(split)
         labels.append(part.y)
         if reference is None:

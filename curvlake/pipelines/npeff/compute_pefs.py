@@ -14,32 +14,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from curvlake.engine import run_tasks
+from curvlake.engine import run_tasks, torch_device
 from curvlake.errors import UserInputError
 from curvlake.lake import Lake, open_lake
 from curvlake.lake.checkpoints import load_model
 from curvlake.nn.datasets import Split
 from curvlake.pipelines.npeff import pefs as kernels
-from curvlake.pipelines.train import as_train_config, training_data
+from curvlake.pipelines.train import cached_run_splits
 
 PEF_KINDS = ("diag", "lowrank", "lvrm")
 STORAGES = ("topk", "dense")
 
 
-@functools.lru_cache(maxsize=4)
-def _split(lake_url: str, run_id: str, split: str) -> Split:
-    lake = open_lake(lake_url)
-    splits, _, _ = training_data(lake, as_train_config(lake.info(run_id).config))
-    return splits.split(split)
-
-
 @functools.lru_cache(maxsize=2)
 def _model(lake_url: str, run_id: str, checkpoint: int) -> torch.nn.Module:
     return load_model(open_lake(lake_url), run_id, checkpoint)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_run(lake: Lake, run_id: str, split: str, checkpoint: int) -> Split:
@@ -57,7 +46,7 @@ def _check_run(lake: Lake, run_id: str, split: str, checkpoint: int) -> Split:
         raise UserInputError(
             f"run {run_id} has checkpoints 0..{n_checkpoints - 1}; got {checkpoint}"
         )
-    return _split(lake.url, run_id, split)
+    return cached_run_splits(lake.url, run_id).split(split)
 
 
 def _pef_block(
@@ -72,8 +61,8 @@ def _pef_block(
     options: dict,
 ) -> int:
     model = _model(lake_url, run_id, checkpoint)
-    x = torch.as_tensor(_split(lake_url, run_id, split).x[rows])
-    device = _device()
+    x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
+    device = torch_device()
     common = {"dtype": torch.float32, "device": device}
     kind, k = options["pef_kind"], options["k"]
     outputs["logits"][rows] = kernels.predict_logits(model, x, **common).cpu().numpy()
@@ -258,7 +247,7 @@ def run_pefs(
 
 def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed: int):
     model = _model(lake_url, run_id, checkpoint)
-    x = torch.as_tensor(_split(lake_url, run_id, split).x[rows])
+    x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
     total, count = kernels.dataset_fisher_diag_sum(
         model,
         x,
@@ -266,7 +255,7 @@ def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed
         seed=seed,
         example_offset=rows.start,
         dtype=torch.float64,
-        device=_device(),
+        device=torch_device(),
     )
     return total.cpu().numpy(), count
 
