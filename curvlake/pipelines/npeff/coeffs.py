@@ -315,7 +315,6 @@ def coeffs_dask(A: Any, H: Any) -> Any:
     """``A Hᵀ`` (n×r float64) as a Dask array chunked like A's rows: a sum over column blocks."""
     import dask.array as da
 
-    r = H.shape[0]
     Hd = _h_as_dask(H, A.chunks[1])
     xp = get_namespace(A._meta) if not sp.issparse(A._meta) else np
     parts = da.blockwise(

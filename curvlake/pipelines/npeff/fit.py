@@ -273,7 +273,7 @@ def run_npeff_fit(
     max_iter: int = 200,
     tol: float = 1e-4,
     seed: int = 0,
-    block_size: int = 16384,
+    block_size: int = 4096,
     lrm_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> str:

@@ -16,10 +16,10 @@ Two solvers share one layout:
   coordinate minimisation over one row of H / one column of W at a time:
   ``W[:, j] ← max(0, W[:, j] + (AHᵀ[:, j] − W HHᵀ[:, j]) / HHᵀ[j, j])`` and the same for the
   rows of H with ``WᵀA`` and ``WᵀW``. Each A pass is followed by ``w_sweeps`` / ``h_sweeps``
-  sweeps on the cached small products (the "accelerated HALS" of Gillis & Glineur, "Accelerated multiplicative
-  updates and hierarchical ALS algorithms for nonnegative matrix factorization", Neural
-  Computation 2012). With one sweep each it is the same algorithm as scikit-learn's
-  ``NMF(solver="cd", shuffle=False)``.
+  sweeps on the cached small products (the "accelerated HALS" of Gillis & Glineur,
+  "Accelerated multiplicative updates and hierarchical ALS algorithms for nonnegative matrix
+  factorization", Neural Computation 2012). With one sweep each (the default) it is the same
+  algorithm as scikit-learn's ``NMF(solver="cd", shuffle=False)``.
 
 Layout (shared by the in-memory and the Dask versions, which give the same iterates):
 
@@ -132,6 +132,16 @@ class PefMatrix:
     def scatter(self, H: Any) -> Any:
         """Scatter ``H`` (r×P') back to the full parameter space (r×P), zeros elsewhere."""
         return scatter_columns(H, self.kept_columns, self.n_params)
+
+    def to_cupy(self) -> PefMatrix:
+        """The same matrix with blocks on the GPU (cupyx CSR or CuPy dense)."""
+        import cupy
+        import cupyx.scipy.sparse as csp
+
+        blocks = tuple(
+            csp.csr_matrix(b) if sp.issparse(b) else cupy.asarray(b) for b in self.blocks
+        )
+        return replace(self, blocks=blocks)
 
 
 def _block_bounds(n_cols: int, block_size: int | None) -> list[tuple[int, int]]:
@@ -419,6 +429,11 @@ class NmfConfig:
             ``HHᵀ``; the "accelerated HALS" of Gillis & Glineur).
         seed: seed of the random init.
         init_scale: rescale the random init to the least-squares-optimal scale of ``WH``.
+        tile_cols: :func:`fit_nmf` splits wider in-memory blocks once into column tiles of at
+            most this width, so the H tile a sparse product gathers from stays in cache (2–4×
+            faster products; same iterates up to summation order). ``None``: ``2¹⁸ / (8r)``
+            clipped to [256, 16384]; ``0``: keep the blocks as given. Dask fits use A's
+            chunking as is: store A in column blocks of about this width.
     """
 
     n_components: int
@@ -430,8 +445,11 @@ class NmfConfig:
     w_sweeps: int = 1
     seed: int = 0
     init_scale: bool = True
+    tile_cols: int | None = None
 
     def __post_init__(self) -> None:
+        if self.tile_cols is not None and self.tile_cols < 0:
+            raise UserInputError(f"tile_cols must be >= 0 or None, got {self.tile_cols}")
         if int(self.n_components) < 1:
             raise UserInputError(f"n_components must be >= 1, got {self.n_components}")
         if self.solver not in _SOLVERS:
@@ -690,6 +708,28 @@ def _as_blocks(A: Any) -> tuple[Any, ...]:
     return blocks
 
 
+def _tile_width(config: NmfConfig) -> int:
+    if config.tile_cols is not None:
+        return int(config.tile_cols)
+    return int(np.clip(2**18 // (8 * config.n_components), 256, 16384))
+
+
+def _retile(blocks: Sequence[Any], width: int) -> tuple[Any, ...]:
+    """Split blocks wider than ``width`` into column tiles (CSR via one CSC conversion)."""
+    if width <= 0 or all(b.shape[1] <= width for b in blocks):
+        return tuple(blocks)
+    out = []
+    for b in blocks:
+        if b.shape[1] <= width:
+            out.append(b)
+            continue
+        sparse = sp.issparse(b) or type(b).__module__.startswith("cupyx")
+        src = b.tocsc() if sparse else b
+        for s, e in _block_bounds(b.shape[1], width):
+            out.append(src[:, s:e].tocsr() if sparse else src[:, s:e])
+    return tuple(out)
+
+
 def _bounds_of(blocks: Sequence[Any]) -> list[tuple[int, int]]:
     ends = np.cumsum([b.shape[1] for b in blocks])
     return [(int(e - b.shape[1]), int(e)) for e, b in zip(ends, blocks, strict=True)]
@@ -815,7 +855,7 @@ def fit_nmf(
         W0, H0: custom init.
         callback: called with the state after each iteration; returning ``True`` stops.
     """
-    _as_blocks(A)
+    A = _retile(_as_blocks(A), _tile_width(config))
     if state is None:
         state = nmf_init(A, config, W0, H0)
     while state.iteration < config.max_iter and not state.converged:
