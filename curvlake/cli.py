@@ -570,7 +570,7 @@ def npeff():
 @click.option(
     "--block-size",
     type=click.IntRange(min=1),
-    default=16384,
+    default=4096,
     show_default=True,
     help="Parameters per column block.",
 )
