@@ -8,12 +8,11 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import fsspec
 import numpy as np
-import xarray as xr
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -36,6 +35,9 @@ from curvlake.lake._artifact import (
 )
 from curvlake.lake._ids import artifact_id, canonical_config, config_hash, kind_of
 from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, SPECS, get_spec, validate_arrays
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 LAKE_FORMAT = "curvlake-lake"
 LAKE_FORMAT_VERSION = "1.0"
@@ -216,6 +218,8 @@ class Lake:
         Chunks are the stored chunks; a corrupted chunk raises CorruptChunkError naming the
         artifact and array when it is read.
         """
+        import xarray as xr  # lazily: workers that only write arrays need not load pandas
+
         group = self.group(artifact)
         attrs = dict(group.attrs)
         coord_names = set(attrs.pop("coordinates", "").split())

@@ -143,21 +143,24 @@ def _train_into(
     theta = writer.create_array("theta", (len(epochs), n_params))
     opt_state = writer.create_array("opt_state", (len(epochs), len(slots), n_params))
     buffers = writer.create_array("buffers", (len(epochs), n_buffers)) if n_buffers else None
-    opt_step = writer.create_array("opt_step", (len(epochs),), "int64")
-    writer.write("opt_slot", np.array(slots, dtype=object))
-    writer.write("checkpoint_epoch", np.array(epochs, dtype=np.int64))
-    writer.write("epoch", np.arange(config.epochs + 1, dtype=np.int64))
-    metric_arrays = {m: writer.create_array(m, (config.epochs + 1,), "float64") for m in METRICS}
     done = writer.progress("checkpoints", len(epochs))
+    # Metrics so far ride along as one attribute of the progress record (one small write per
+    # checkpoint instead of one per metric); they become arrays when the run completes.
+    saved = done.array.attrs.get("history", {})
+    history = {
+        m: np.array([np.nan if v is None else v for v in saved[m]])
+        if m in saved
+        else np.full(config.epochs + 1, np.nan)
+        for m in METRICS
+    }
 
     finished = int(np.argmin(np.append(done.done(), False)))  # contiguous finished prefix
-    history = {m: np.asarray(a[:], dtype=np.float64) for m, a in metric_arrays.items()}
     if finished:
         index = finished - 1
         assign_parameters(model, theta[index])
         if buffers is not None:
             assign_buffers(model, buffers[index])
-        restore_optimizer_state(optimizer, opt_state[index], int(opt_step[index]))
+        restore_optimizer_state(optimizer, opt_state[index], epochs[index] * steps_per_epoch)
         start_epoch = epochs[index]
     else:
         start_epoch = 0
@@ -169,15 +172,16 @@ def _train_into(
             history[f"{split}_accuracy"][0] = result["accuracy"]
 
     def save(epoch: int) -> None:
-        for name, values in history.items():
-            metric_arrays[name][:] = values
         index = epochs.index(epoch)
         theta[index] = flatten_parameters(model)
         if buffers is not None:
             buffers[index] = flatten_buffers(model)
         opt_state[index] = flatten_optimizer_state(optimizer)
-        opt_step[index] = epoch * steps_per_epoch
-        done.mark_done(index)
+        done.array.attrs["history"] = {
+            name: [None if np.isnan(v) else float(v) for v in values]
+            for name, values in history.items()
+        }
+        done.mark_done(index)  # last: a checkpoint counts only once all of it is stored
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         for name in METRICS:
@@ -199,6 +203,12 @@ def _train_into(
         on_epoch_end=on_epoch_end,
         progress=progress,
     )
+    writer.write("opt_slot", np.array(slots, dtype=object))
+    writer.write("opt_step", np.array(epochs, dtype=np.int64) * steps_per_epoch)
+    writer.write("checkpoint_epoch", np.array(epochs, dtype=np.int64))
+    writer.write("epoch", np.arange(config.epochs + 1, dtype=np.int64))
+    for name, values in history.items():
+        writer.write(name, values)
     write_model_tables(writer, model)
     writer.write("train_label", splits.train.y)
     writer.write("train_clean_label", clean_labels)
