@@ -1,7 +1,7 @@
 """Overhead of lake checkpointing: the same training with a checkpoint into the lake every
 epoch vs a plain torch loop (same data, model, optimizer and evaluation), in one process.
 
-    python benchmarks/train_overhead.py            # cnn5_k (k=16) and resnet18_k (k=8) on digits
+    python benchmarks/train_overhead.py            # cnn5_k (k=16) and resnet18_k (k=16) on digits
     python benchmarks/train_overhead.py --small    # mlp, 3 epochs, 1 repeat
 
 Both paths call the same training functions (``curvlake.nn.training``); the lake path is
@@ -54,7 +54,7 @@ def main():
     else:
         workloads = [
             ({"model": "cnn5_k", "model_params": {"k": 16}, "epochs": 10}, 3),
-            ({"model": "resnet18_k", "model_params": {"k": 8}, "epochs": 4}, 2),
+            ({"model": "resnet18_k", "model_params": {"k": 16}, "epochs": 4}, 2),
         ]
     for options, repeats in workloads:
         measure(options, repeats)
