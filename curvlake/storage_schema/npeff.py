@@ -5,6 +5,11 @@ import numpy as np
 from curvlake.storage_schema._spec import ArraySpec, ArtifactSpec, AttrSpec, whole_array
 
 
+def column_blocks(shape, itemsize, budget):
+    """All components, as many whole columns as fit in the budget (the pipelines' blocks)."""
+    return (shape[0], max(1, min(shape[1], budget // max(1, shape[0] * itemsize))))
+
+
 def _example():
     rng = np.random.default_rng(0)
     n, r, p = 6, 2, 5
@@ -48,10 +53,7 @@ SPEC = ArtifactSpec(
             "float",
             "components (non-negative)",
             variants=("dense",),
-            chunking=lambda shape, itemsize, budget: (
-                shape[0],
-                max(1, min(shape[1], budget // max(1, shape[0] * itemsize))),
-            ),
+            chunking=column_blocks,
         ),
         ArraySpec(
             "G",
@@ -59,10 +61,7 @@ SPEC = ArtifactSpec(
             "float",
             "LRM-NPEFF component vectors g_j",
             variants=("lowrank",),
-            chunking=lambda shape, itemsize, budget: (
-                shape[0],
-                max(1, min(shape[1], budget // max(1, shape[0] * itemsize))),
-            ),
+            chunking=column_blocks,
         ),
         ArraySpec("H_data", ("nnz",), "float32", "CSR values of the sparse H", variants=("csr",)),
         ArraySpec("H_indices", ("nnz",), "int64", "CSR column of each value", variants=("csr",)),
