@@ -118,6 +118,16 @@ class ArtifactWriter:
 
     # -- setup -------------------------------------------------------------------------------
 
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """An error while writing marks the staged artifact failed (kept for resume), then
+        propagates."""
+        if exc is not None and not self.complete:
+            self.fail(f"{exc_type.__name__}: {exc}")
+        return False
+
     @property
     def url(self) -> str:
         """Where the artifact is being written (the staging group)."""

@@ -115,11 +115,8 @@ def run_train(
     writer = lake.begin("run", config.to_dict(), inputs)
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         _train_into(writer, config, splits, clean_labels, progress)
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()
 
 

@@ -207,3 +207,17 @@ def test_memory_url_lake():
     writer.commit()
     np.testing.assert_array_equal(lake.open(writer.id)["y"].values, np.arange(3))
     assert [i.status for i in lake.list()] == ["complete"]
+
+
+def test_error_while_writing_marks_failed_and_keeps_staging(tmp_path):
+    lake = open_lake(tmp_path, create=True)
+    writer = lake.begin("dataset", {"will": "fail"})
+    with pytest.raises(RuntimeError, match="boom"), writer:
+        writer.write("y", np.arange(3))
+        raise RuntimeError("boom")
+    info = lake.info(writer.id)
+    assert info.status == "failed"
+    with pytest.raises(IncompleteArtifactError, match="status: failed"):
+        lake.open(writer.id)
+    resumed = lake.begin("dataset", {"will": "fail"})  # a rerun picks the staging up again
+    assert resumed.resumed and "y" in resumed.group.array_keys()

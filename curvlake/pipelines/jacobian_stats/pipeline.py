@@ -233,7 +233,7 @@ def run_stats(
     writer = lake.begin("jacobian_stats", config, runs)
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         shape = (len(runs), n_checkpoints, n)
         outputs = {
             m: writer.create_array(m, shape, dtype, chunks=(1, 1, block_size)) for m in metrics
@@ -279,7 +279,4 @@ def run_stats(
             method=method,
             dtype=dtype,
         )
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()

@@ -174,7 +174,7 @@ def run_pefs(
     writer = lake.begin("pefs", config, [run_id])
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         rows = (block_size,)
         outputs = {
             "logits": writer.create_array("logits", (n, n_classes), chunks=(block_size, n_classes)),
@@ -239,9 +239,6 @@ def run_pefs(
             checkpoint=checkpoint,
             split=split,
         )
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()
 
 

@@ -626,7 +626,7 @@ def run_perturbation(
     writer = lake.begin("npeff_perturbation", config, [npeff_id])
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         r = len(components)
         outputs = {
             name: writer.create_array(name, (r, len(SIGNS)), "float64")
@@ -670,9 +670,6 @@ def run_perturbation(
             seed=seed,
             dtype=dtype,
         )
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()
 
 

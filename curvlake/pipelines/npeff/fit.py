@@ -331,7 +331,7 @@ def run_npeff_fit(
     writer = lake.begin("npeff", config, [pefs_id])
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         if kind == "diag":
             state, kept = _fit_diag(writer, pefs, fit_config, block_size, progress)
             factor_name, factor = "H", state.H
@@ -364,9 +364,6 @@ def run_npeff_fit(
         )
         if WORK in writer.group.group_keys():
             del writer.group[WORK]
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()
 
 
@@ -478,7 +475,7 @@ def run_npeff_coeffs(
     writer = lake.begin("npeff", config, [npeff_id, pefs_id])
     if writer.complete:
         return writer.id
-    try:
+    with writer:
         out = writer.create_array("W", (n, r), "float64", chunks=(block_size, r))
         done = writer.progress("blocks", -(-n // block_size))
         options = {"method": method, "max_iter": max_iter}
@@ -515,7 +512,4 @@ def run_npeff_coeffs(
             pefs=pefs_id,
             components_from=npeff_id,
         )
-    except BaseException as error:
-        writer.fail(f"{type(error).__name__}: {error}")
-        raise
     return writer.commit()

@@ -233,7 +233,7 @@ def import_pefs_hdf5(
         writer = lake.begin("pefs", config)
         if writer.complete:
             return writer.id
-        try:
+        with writer:
             chunks = (rows_per_block, k)
             outputs = {
                 "values": writer.create_array("values", (n, k), "float32", chunks=chunks),
@@ -268,9 +268,6 @@ def import_pefs_hdf5(
             if pef_kind == "lowrank":
                 attrs["n_pef_classes"] = _scalar(file["data"].attrs["n_classes"])
             writer.set_attrs(**attrs)
-        except BaseException as error:
-            writer.fail(f"{type(error).__name__}: {error}")
-            raise
     return writer.commit()
 
 
@@ -408,7 +405,7 @@ def import_npeff_hdf5(lake: Lake | str, path: str | Path, *, pefs_id: str | None
         writer = lake.begin("npeff", config, [pefs_id] if pefs_id else [])
         if writer.complete:
             return writer.id
-        try:
+        with writer:
             writer.write("W", np.asarray(W[:], dtype=_float_dtype(W)))
             if fmt == "dense":
                 _copy_columns(writer, "H", file["data/H"], _float_dtype(file["data/H"]))
@@ -436,9 +433,6 @@ def import_npeff_hdf5(lake: Lake | str, path: str | Path, *, pefs_id: str | None
                 pefs=pefs_id,
                 imported_from=path.name,
             )
-        except BaseException as error:
-            writer.fail(f"{type(error).__name__}: {error}")
-            raise
     return writer.commit()
 
 
