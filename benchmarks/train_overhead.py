@@ -53,8 +53,8 @@ def main():
         workloads = [({"model": "mlp", "model_params": {"widths": [64]}, "epochs": 3}, 1)]
     else:
         workloads = [
-            ({"model": "cnn5_k", "model_params": {"k": 16}, "epochs": 10}, 3),
-            ({"model": "resnet18_k", "model_params": {"k": 16}, "epochs": 4}, 2),
+            ({"model": "cnn5_k", "model_params": {"k": 16}, "epochs": 10}, 7),
+            ({"model": "resnet18_k", "model_params": {"k": 16}, "epochs": 4}, 4),
         ]
     for options, repeats in workloads:
         measure(options, repeats)

@@ -19,7 +19,7 @@ from curvlake.lake.checkpoints import (
     load_model,
     parameter_table,
 )
-from curvlake.pipelines.train import METRICS, write_model_tables
+from curvlake.pipelines.train import METRICS, model_tables
 
 
 def _load_file(path: Path) -> tuple[Any, bytes]:
@@ -100,7 +100,7 @@ def import_run(
     buffers = flatten_buffers(net)
     if buffers.size:
         writer.write("buffers", buffers[None])
-    write_model_tables(writer, net)
+    writer.write_many(model_tables(net))
     writer.write("epoch", np.zeros(1, np.int64))
     for name in METRICS:
         writer.write(name, np.full(1, np.nan))

@@ -87,18 +87,21 @@ def cached_run_splits(lake_url: str, run_id: str) -> Splits:
     return splits
 
 
-def write_model_tables(writer: ArtifactWriter, model: torch.nn.Module) -> None:
-    """The layer table (and buffer table, when the model has buffers) of a run."""
+def model_tables(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The layer table (and buffer table, when the model has buffers) of a run, by array name."""
     table = parameter_table(model)
-    writer.write("layer", np.array(table.names, dtype=object))
-    writer.write("layer_offset", table.offsets)
-    writer.write("layer_size", table.sizes)
-    writer.write("layer_shape", table.shape_strings())
+    arrays = {
+        "layer": np.array(table.names, dtype=object),
+        "layer_offset": table.offsets,
+        "layer_size": table.sizes,
+        "layer_shape": table.shape_strings(),
+    }
     buffers = buffer_table(model)
     if buffers.names:
-        writer.write("buffer", np.array(buffers.names, dtype=object))
-        writer.write("buffer_shape", buffers.shape_strings())
-        writer.write("buffer_dtype", np.array(buffers.dtypes, dtype=object))
+        arrays["buffer"] = np.array(buffers.names, dtype=object)
+        arrays["buffer_shape"] = buffers.shape_strings()
+        arrays["buffer_dtype"] = np.array(buffers.dtypes, dtype=object)
+    return arrays
 
 
 def run_train(
@@ -200,16 +203,19 @@ def _train_into(
         on_epoch_end=on_epoch_end,
         progress=progress,
     )
-    writer.write("opt_slot", np.array(slots, dtype=object))
-    writer.write("opt_step", np.array(epochs, dtype=np.int64) * steps_per_epoch)
-    writer.write("checkpoint_epoch", np.array(epochs, dtype=np.int64))
-    writer.write("epoch", np.arange(config.epochs + 1, dtype=np.int64))
-    for name, values in history.items():
-        writer.write(name, values)
-    write_model_tables(writer, model)
-    writer.write("train_label", splits.train.y)
-    writer.write("train_clean_label", clean_labels)
-    writer.write("train_sample_id", splits.train.sample_id)
+    writer.write_many(
+        {
+            "opt_slot": np.array(slots, dtype=object),
+            "opt_step": np.array(epochs, dtype=np.int64) * steps_per_epoch,
+            "checkpoint_epoch": np.array(epochs, dtype=np.int64),
+            "epoch": np.arange(config.epochs + 1, dtype=np.int64),
+            **history,
+            **model_tables(model),
+            "train_label": splits.train.y,
+            "train_clean_label": clean_labels,
+            "train_sample_id": splits.train.sample_id,
+        }
+    )
     writer.set_attrs(
         model=config.model,
         model_params=dict(config.model_params),
