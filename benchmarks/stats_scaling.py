@@ -30,24 +30,40 @@ def main():
     k = 4 if args.small else 16
     with tempfile.TemporaryDirectory() as scratch:
         lake = open_lake(scratch, create=True)
-        run_id = run_train(lake, {"model": "cnn5_k", "model_params": {"k": k}, "epochs": 2,
-                                  "save_every": 1, "device": "cpu"}, progress=False)
+        run_id = run_train(
+            lake,
+            {
+                "model": "cnn5_k",
+                "model_params": {"k": k},
+                "epochs": 2,
+                "save_every": 1,
+                "device": "cpu",
+            },
+            progress=False,
+        )
         results = {}
         for workers in (1, 2):
             with client_session(cluster="local", n_workers=workers, threads_per_worker=1) as c:
                 c.run(lambda: __import__("curvlake.pipelines.jacobian_stats.pipeline"))
                 start = time.perf_counter()
                 # A different block size per run: a new artifact, not a reuse of the last one.
-                stats_id = run_stats(lake, [run_id], block_size=126 + workers, progress=False,
-                                     metrics=["jacobian_operator"])
+                stats_id = run_stats(
+                    lake,
+                    [run_id],
+                    block_size=126 + workers,
+                    progress=False,
+                    metrics=["jacobian_operator"],
+                )
                 seconds = time.perf_counter() - start
             ds = lake.open(stats_id)
             results[workers] = (seconds, ds.jacobian_operator.values)
         n = results[1][1].size
         print(f"cnn5_k k={k}, {n} (checkpoint, example) pairs, exact operator norm")
         for workers, (seconds, _) in results.items():
-            print(f"  {workers} worker(s): {seconds:7.2f} s  {n / seconds:8.1f} examples/s  "
-                  f"speedup {results[1][0] / seconds:4.2f}x")
+            print(
+                f"  {workers} worker(s): {seconds:7.2f} s  {n / seconds:8.1f} examples/s  "
+                f"speedup {results[1][0] / seconds:4.2f}x"
+            )
         np.testing.assert_allclose(results[2][1], results[1][1], rtol=1e-5)
         print("  results identical across worker counts (rtol 1e-5)")
 

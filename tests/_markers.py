@@ -11,7 +11,7 @@ def importorskip_marker(module: str) -> tuple[bool, pytest.MarkDecorator]:
     try:
         importlib.import_module(module)
         has = True
-    except Exception:  # noqa: BLE001 - a broken install (e.g. cupy without CUDA) counts as absent
+    except Exception:  # a broken install (e.g. cupy without CUDA) counts as absent
         has = False
     return has, pytest.mark.skipif(not has, reason=f"requires {module}")
 
@@ -21,7 +21,7 @@ def _has_cuda_gpu() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
