@@ -136,7 +136,8 @@ class Lake:
 
         Args:
             kind: only this kind.
-            **attr_filters: keep artifacts whose config (or group attribute) ``name == value``.
+            **attr_filters: keep artifacts whose config has ``name == value`` (dotted names reach
+                into nested entries, e.g. ``model_params.k=8``).
         """
         if kind is not None:
             get_spec(kind)
@@ -293,7 +294,8 @@ class Lake:
             if holder != me and _alive(holder):
                 raise LakeError(
                     f"artifact {artifact} is being written by process {holder.get('pid')} on "
-                    f"{holder.get('host')}; wait for it to finish"
+                    f"{holder.get('host')}; wait for it to finish (if that process is gone, "
+                    f"delete {lock} and rerun)"
                 ) from None
             lock.write_text(json.dumps(me))
             return

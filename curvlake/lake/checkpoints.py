@@ -9,6 +9,7 @@ tensor lives in the flat vector, so no 11M-entry index is ever needed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,20 @@ def build_run_model(lake, run_id: str) -> torch.nn.Module:
         input_shape=tuple(attrs["input_shape"]),
         **params,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_model(
+    lake_url: str, run_id: str, checkpoint: int, dtype: str = "float32", device: str = "cpu"
+) -> torch.nn.Module:
+    """``load_model`` once per process (pipeline tasks), in ``dtype`` on ``device``.
+
+    The module is shared by every task of the process: callers must not modify it.
+    """
+    from curvlake.lake._lake import open_lake
+
+    model = load_model(open_lake(lake_url), run_id, checkpoint)
+    return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 def load_model(lake, run_id: str, checkpoint: int = -1) -> torch.nn.Module:

@@ -8,7 +8,6 @@ killed computation, rerun, computes only the missing tasks.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from curvlake.engine import run_tasks, torch_device
 from curvlake.errors import UserInputError
 from curvlake.lake import Lake, open_lake
-from curvlake.lake.checkpoints import load_model
+from curvlake.lake.checkpoints import cached_model
 from curvlake.pipelines.jacobian_stats.metrics import (
     JACOBIAN_METRICS,
     METHODS,
@@ -50,12 +49,6 @@ def _run_config(lake: Lake, run_id: str):
             "a run trained in the lake"
         )
     return as_train_config(info.config)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_model(lake_url: str, run_id: str, checkpoint: int, dtype: str, device: str):
-    model = load_model(open_lake(lake_url), run_id, checkpoint)
-    return model.to(device=device, dtype=DTYPES[dtype])
 
 
 def select_checkpoints(n_checkpoints: int, checkpoints: str | Sequence[int], run_id: str):
@@ -105,7 +98,7 @@ def _stats_task(
         def transform(raw, mean=mean, std=std):
             return (raw - mean) / std
 
-    model = _cached_model(lake_url, run_id, checkpoint, options["dtype"], device)
+    model = cached_model(lake_url, run_id, checkpoint, options["dtype"], device)
     for metric in options["metrics"]:
         jacobian = metric in JACOBIAN_METRICS
         values = compute_metric(

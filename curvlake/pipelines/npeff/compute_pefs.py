@@ -8,7 +8,6 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,18 +16,13 @@ import torch
 from curvlake.engine import run_tasks, torch_device
 from curvlake.errors import UserInputError
 from curvlake.lake import Lake, open_lake
-from curvlake.lake.checkpoints import load_model
+from curvlake.lake.checkpoints import cached_model
 from curvlake.nn.datasets import Split
 from curvlake.pipelines.npeff import pefs as kernels
 from curvlake.pipelines.train import cached_run_splits
 
 PEF_KINDS = ("diag", "lowrank", "lvrm")
 STORAGES = ("topk", "dense")
-
-
-@functools.lru_cache(maxsize=2)
-def _model(lake_url: str, run_id: str, checkpoint: int) -> torch.nn.Module:
-    return load_model(open_lake(lake_url), run_id, checkpoint)
 
 
 def _check_run(lake: Lake, run_id: str, split: str, checkpoint: int) -> Split:
@@ -60,7 +54,7 @@ def _pef_block(
     block: int,
     options: dict,
 ) -> int:
-    model = _model(lake_url, run_id, checkpoint)
+    model = cached_model(lake_url, run_id, checkpoint)
     x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
     device = torch_device()
     common = {"dtype": torch.float32, "device": device}
@@ -243,7 +237,7 @@ def run_pefs(
 
 
 def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed: int):
-    model = _model(lake_url, run_id, checkpoint)
+    model = cached_model(lake_url, run_id, checkpoint)
     x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
     total, count = kernels.dataset_fisher_diag_sum(
         model,

@@ -40,7 +40,7 @@ import zarr
 from curvlake.engine import run_tasks, torch_device
 from curvlake.errors import LakeError, UserInputError
 from curvlake.lake import Lake, open_lake
-from curvlake.lake.checkpoints import load_model
+from curvlake.lake.checkpoints import cached_model
 from curvlake.nn.datasets import Split
 from curvlake.pipelines.train import cached_run_splits
 
@@ -467,8 +467,7 @@ def _eval_model(lake_url: str, run_id: str, checkpoint: int, dtype: str, device:
     ``functional_call`` swaps the module's parameters during a forward pass, so threads of one
     worker take turns on the shared module.
     """
-    model = load_model(open_lake(lake_url), run_id, checkpoint)
-    return model.to(device=device, dtype=DTYPES[dtype]), threading.Lock()
+    return cached_model(lake_url, run_id, checkpoint, dtype, device), threading.Lock()
 
 
 def _component_row(group: zarr.Group, component: int) -> tuple[np.ndarray, np.ndarray | None]:

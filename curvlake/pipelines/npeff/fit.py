@@ -123,7 +123,7 @@ def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool
 # -- D-NPEFF ---------------------------------------------------------------------------------
 
 
-def _save_state(state_group: zarr.Group, state, H_buffers) -> None:
+def _save_state(state_group: zarr.Group, state) -> None:
     """Double-buffered small state; ``meta`` (the iteration) is written last."""
     t = state.iteration
     arrays, meta = state.checkpoint()
@@ -177,7 +177,7 @@ def _fit_diag(writer, pefs, config: nmf_solver.NmfConfig, block_size: int, progr
     steps = nmf_solver.iter_nmf_dask(A, config, state=state, h_target=lambda t: H_buffers[t % 2])
     for step in steps:
         state = step
-        _save_state(state_group, state, H_buffers)
+        _save_state(state_group, state)
         bar.update()
         bar.set_postfix(loss=f"{state.losses[-1]:.5f}")
     bar.close()
@@ -188,7 +188,7 @@ def _save_state_with_h(state_group, state, H_buffers) -> None:
     """The initial state: its H (lazy random init) is stored in buffer 0 first."""
     da.store(state.H.astype(np.float32), H_buffers[0], lock=False)
     state.H = da.from_zarr(H_buffers[0])
-    _save_state(state_group, state, H_buffers)
+    _save_state(state_group, state)
 
 
 # -- LRM-NPEFF -------------------------------------------------------------------------------
