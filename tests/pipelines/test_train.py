@@ -183,6 +183,11 @@ def test_data_import_and_train(tmp_path):
     assert lake.info(run_id).inputs == [dataset_id]
     with pytest.raises(UserInputError, match="--labels"):
         import_dataset(lake, _save(tmp_path / "x.npy", x))
+    bad = x.astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", x=bad, y=y)
+    with pytest.raises(UserInputError, match="1 NaN or infinite"):
+        import_dataset(lake, tmp_path / "bad.npz")
 
 
 def _save(path, array):
