@@ -18,7 +18,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from curvlake.errors import (
     ArtifactNotFoundError,
-    CorruptChunkError,
     IncompleteArtifactError,
     LakeError,
     SchemaError,
@@ -33,6 +32,7 @@ from curvlake.lake._artifact import (
     array_infos,
     new_provenance,
 )
+from curvlake.lake._chunks import dask_array
 from curvlake.lake._ids import artifact_id, canonical_config, config_hash, kind_of
 from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, SPECS, get_spec, validate_arrays
 
@@ -72,29 +72,6 @@ class ArtifactInfo:
             f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
             for k, v in items
         )
-
-
-class _GuardedChunks:
-    """Array-like over a zarr array that names artifact and array when a chunk is corrupt."""
-
-    def __init__(self, array: zarr.Array, artifact: str, name: str):
-        self.array, self.artifact, self.name = array, artifact, name
-        self.shape, self.ndim = array.shape, array.ndim
-        self.dtype = (
-            np.dtype("O") if isinstance(array.dtype, np.dtypes.StringDType) else array.dtype
-        )
-
-    def __getitem__(self, key):
-        try:
-            return self.array[key]
-        except ValueError as error:
-            if "checksum" not in str(error):
-                raise
-            raise CorruptChunkError(
-                f"artifact {self.artifact}: array {self.name!r}: a chunk in {key} failed its "
-                "crc32c checksum, the stored data is corrupted; delete the artifact and "
-                "recompute it"
-            ) from error
 
 
 class Lake:
@@ -227,9 +204,7 @@ class Lake:
         variables, coords = {}, {}
         for name, array in group.arrays():
             dims = array.metadata.dimension_names
-            variable = xr.Variable(
-                dims, _dask_array(array, artifact, name), attrs=dict(array.attrs)
-            )
+            variable = xr.Variable(dims, dask_array(array, artifact, name), attrs=dict(array.attrs))
             (coords if name in coord_names or name in dims else variables)[name] = variable
         return xr.Dataset(variables, coords=coords, attrs=attrs)
 
@@ -240,7 +215,7 @@ class Lake:
         validate_arrays(spec, array_infos(group), dict(group.attrs), where=f"artifact {artifact}")
         if check_chunks:
             blocks = [
-                _dask_array(array, artifact, name).map_blocks(_nothing, dtype=bool)
+                dask_array(array, artifact, name).map_blocks(_nothing, dtype=bool)
                 for name, array in group.arrays()
                 if array.size
             ]
@@ -350,18 +325,6 @@ class Lake:
             if not dry_run:
                 self.fs.rm(path)
         return removed
-
-
-def _dask_array(array: zarr.Array, artifact: str, name: str) -> da.Array:
-    """A dask array over the stored chunks that names artifact and array on corruption."""
-    guarded = _GuardedChunks(array, artifact, name)
-    return da.from_array(
-        guarded,
-        chunks=array.chunks,
-        name=f"{artifact}-{name}",
-        asarray=False,
-        meta=np.empty((0,) * array.ndim, dtype=guarded.dtype),
-    )
 
 
 def _nothing(block: np.ndarray) -> np.ndarray:
