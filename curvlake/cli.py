@@ -750,7 +750,7 @@ def npeff_import_hdf5(settings: Settings, path, pefs_id):
 @click.option("--name", help="A name for the data (default: the file stem).")
 @pass_settings
 def pefs_import_hdf5(settings: Settings, path, name):
-    """Import a D-PEF or LRM-PEF HDF5 file of the NPEFF reference implementation."""
+    """Import a D-PEF, LRM-PEF or LVRM-PEF HDF5 file of the NPEFF reference implementation."""
     from curvlake.pipelines.npeff.hdf5_import import import_pefs_hdf5
 
     click.echo(import_pefs_hdf5(settings.lake(create=True), path, name=name))

@@ -22,6 +22,7 @@ from curvlake.pipelines.npeff.hdf5_import import (
     import_npeff_hdf5,
     import_pefs_hdf5,
     lrm_class_index,
+    lvrm_class_index,
 )
 from tests._markers import requires_h5py
 
@@ -276,3 +277,77 @@ def test_imported_pefs_feed_the_fit(lake, tmp_path):
     assert lake.open(fitted)["W"].shape == (N, 2)
     fitted = run_npeff_fit(lake, lrm, n_components=2, kind="lowrank", max_iter=3, progress=False)
     assert lake.open(fitted)["G"].shape[0] == 2
+
+
+def _lvrm_file(path, a: np.ndarray, ranks: np.ndarray, k: int, col_sizes=None):
+    """An LVRM-PEF file as the reference's LVRM computer writes it: entries by flat index over
+    the example's ``r_i x P`` factor block, per-column entry counts, ranks."""
+    flat = a.reshape(a.shape[0], -1)
+    idx = np.sort(np.argsort(-np.abs(flat), axis=1, kind="stable")[:, :k], axis=1)
+    columns = idx // P
+    sizes = np.concatenate(
+        [(columns[i][None] == np.arange(r)[:, None]).sum(1) for i, r in enumerate(ranks)]
+    ).astype(np.int32)
+    rng = np.random.default_rng(4)
+    arrays = {
+        "data/labels": rng.integers(0, C, len(ranks)).astype(np.int32),
+        "data/logits": rng.standard_normal((len(ranks), C)).astype(np.float32),
+        "data/values": np.take_along_axis(flat, idx, 1).astype(np.float32),
+        "data/row_indices": (idx % P).astype(np.int32),
+        "data/ranks": ranks.astype(np.int32),
+        "data/col_sizes": sizes if col_sizes is None else col_sizes,
+        "data/pef_frobenius_norms": rng.random(len(ranks)).astype(np.float32),
+    }
+    attrs = {("data", "n_parameters"): P, ("data", "min_prob_class"): 0.2}
+    return _write(path, arrays, attrs), arrays
+
+
+def test_lvrm_class_index_from_ranks_and_col_sizes():
+    got = lvrm_class_index(np.array([2, 1, 3]), np.array([1, 3, 4, 0, 2, 2]), 4)
+    np.testing.assert_array_equal(got, [[0, 1, 1, 1], [0, 0, 0, 0], [1, 1, 2, 2]])
+    with pytest.raises(UserInputError, match="sums to 6"):
+        lvrm_class_index(np.array([2, 1, 3]), np.array([1, 3, 4, 0, 2]), 4)
+    with pytest.raises(UserInputError, match="example 1 sum to 3"):
+        lvrm_class_index(np.array([2, 1]), np.array([1, 3, 3]), 4)
+
+
+@requires_h5py
+def test_lvrm_pef_round_trip_matches_our_kernel(lake, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Tanh(), torch.nn.Linear(2, C))
+    with torch.no_grad():
+        model[2].weight.mul_(6)  # confident on some examples: ranks 1 and 2 both occur
+    assert sum(p.numel() for p in model.parameters()) == P - 1  # P = 20 with the padding below
+    x = torch.randn(N, 4, dtype=torch.float64) * 3
+    a, ranks, _ = pef_kernels.per_example_fisher_lvrm(
+        model, x, max_classes=2, min_prob=0.2, dtype=torch.float64
+    )
+    a = torch.nn.functional.pad(a, (0, 1)).numpy()  # a parameter that never gets gradient
+    ranks = ranks.numpy()
+    assert set(ranks) == {1, 2}  # both ranks occur
+    k = 5
+    path, arrays = _lvrm_file(tmp_path / "lvrm.h5", a[:, : ranks.max()], ranks, k)
+    pefs_id = import_pefs_hdf5(lake, path, rows_per_block=4)
+    ds = lake.open(pefs_id)
+    assert ds.attrs["pef_kind"] == "lvrm" and ds.attrs["min_prob"] == pytest.approx(0.2)
+    np.testing.assert_array_equal(ds["rank"].values, ranks)
+    ours = pef_kernels.topk_sparsify_lowrank(torch.as_tensor(a), k, dtype=torch.float32)
+    np.testing.assert_array_equal(ds["values"].values, ours[0].numpy())
+    np.testing.assert_array_equal(ds["class_index"].values, ours[1].numpy())
+    np.testing.assert_array_equal(ds["indices"].values, ours[2].numpy())
+    assert (ds["class_index"].values < ranks[:, None]).all()
+    np.testing.assert_array_equal(ds["dense_norm"].values, arrays["data/pef_frobenius_norms"])
+    from curvlake.pipelines.npeff.fit import run_npeff_fit
+
+    fitted = lake.open(
+        run_npeff_fit(lake, pefs_id, n_components=2, kind="lowrank", max_iter=3, progress=False)
+    )
+    assert fitted["G"].shape[0] == 2 and np.isfinite(fitted["loss"].values).all()
+    # an inconsistent file is refused before anything is written
+    bad = arrays["data/col_sizes"].copy()
+    bad[0] += 1
+    path, _ = _lvrm_file(tmp_path / "bad.h5", a[:, :2], ranks, k, col_sizes=bad)
+    n_before = len(lake.list())
+    with pytest.raises(UserInputError, match="col_sizes of example 0"):
+        import_pefs_hdf5(lake, path)
+    assert len(lake.list()) == n_before

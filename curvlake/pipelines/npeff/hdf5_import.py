@@ -12,6 +12,10 @@ LRM-PEF        ``data/labels``, ``data/logits``, ``data/values`` [n, k], ``data/
                [n, C'+1] (cumulative per-class entry counts), ``data/row_indices`` [n, k]
                (parameter index), ``data/pef_frobenius_norms`` [n]; attributes ``n_classes``
                (C') and ``n_parameters`` of ``data``
+LVRM-PEF       ``data/labels``, ``data/logits``, ``data/values`` [n, k], ``data/row_indices``
+               [n, k], ``data/ranks`` [n] (r_i), ``data/col_sizes`` [sum r_i] (entries in each of
+               example i's r_i columns, not cumulative; column j = the (j+1)-th most probable
+               class), ``data/pef_frobenius_norms`` [n]; attribute ``n_parameters`` of ``data``
 D-NPEFF        ``data/W`` [n, r], ``data/H`` [r, P'], ``data/reduce_kept_indices`` [P'] with
                attribute ``full_dense_size`` (P)
 sparse D-NPEFF ``data/W``, ``data/H/{values, row_indices (CSR pointers), column_indices}``,
@@ -44,6 +48,15 @@ _LRM_PEF = (
     "data/values",
     "data/col_offsets",
     "data/row_indices",
+    "data/pef_frobenius_norms",
+)
+_LVRM_PEF = (
+    "data/labels",
+    "data/logits",
+    "data/values",
+    "data/row_indices",
+    "data/ranks",
+    "data/col_sizes",
     "data/pef_frobenius_norms",
 )
 
@@ -142,18 +155,55 @@ def lrm_class_index(col_offsets: np.ndarray, k: int) -> np.ndarray:
     return np.repeat(classes, counts.ravel()).reshape(n, k)
 
 
-def _lrm_rows(file, rows: slice, n_parameters: int) -> dict[str, np.ndarray]:
-    """One block of an LRM-PEF file with per-entry classes, sorted by (class, parameter)."""
+def _lrm_rows(
+    file, rows: slice, n_parameters: int, class_index: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """One block of an LRM/LVRM-PEF file with per-entry classes, sorted by (class, parameter).
+
+    ``class_index`` is the whole file's per-entry column (LVRM); ``None`` reads it from the
+    cumulative ``col_offsets`` (LRM).
+    """
     values = np.asarray(file["data/values"][rows], dtype=np.float32)
     params = np.asarray(file["data/row_indices"][rows], dtype=np.int64)
     _check_indices(params, n_parameters, "data/row_indices")
-    classes = lrm_class_index(file["data/col_offsets"][rows], values.shape[1])
+    if class_index is None:
+        classes = lrm_class_index(file["data/col_offsets"][rows], values.shape[1])
+    else:
+        classes = class_index[rows]
     order = np.argsort(classes * n_parameters + params, axis=1, kind="stable")
     return {
         "values": np.take_along_axis(values, order, axis=1),
         "indices": np.take_along_axis(params, order, axis=1),
         "class_index": np.take_along_axis(classes, order, axis=1),
     }
+
+
+def lvrm_class_index(ranks: np.ndarray, col_sizes: np.ndarray, k: int) -> np.ndarray:
+    """Per-entry column (rank position) ``(n, k)`` from LVRM ranks and per-column entry counts.
+
+    Example ``i`` owns ``col_sizes[s_i : s_i + r_i]`` with ``s_i = r_0 + … + r_{i-1}``; its ``k``
+    entries run through columns ``0 … r_i − 1`` in order, ``col_sizes`` entries each.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64).ravel()
+    col_sizes = np.asarray(col_sizes, dtype=np.int64).ravel()
+    if ranks.size and ranks.min() < 0:
+        raise UserInputError("data/ranks has negative ranks")
+    if col_sizes.size != ranks.sum():
+        raise UserInputError(
+            f"data/col_sizes has {col_sizes.size} entries, data/ranks sums to {ranks.sum()}"
+        )
+    if col_sizes.size and col_sizes.min() < 0:
+        raise UserInputError("data/col_sizes has negative sizes")
+    example = np.repeat(np.arange(ranks.size), ranks)
+    per_example = np.bincount(example, weights=col_sizes, minlength=ranks.size).astype(np.int64)
+    bad = np.flatnonzero(per_example != k)
+    if bad.size:
+        raise UserInputError(
+            f"data/col_sizes of example {bad[0]} sum to {per_example[bad[0]]}, not k = {k} "
+            f"({bad.size} such examples)"
+        )
+    column = np.arange(col_sizes.size) - np.repeat(np.cumsum(ranks) - ranks, ranks)
+    return np.repeat(column, col_sizes).reshape(ranks.size, k)
 
 
 def import_pefs_hdf5(
@@ -163,11 +213,14 @@ def import_pefs_hdf5(
     name: str | None = None,
     rows_per_block: int = ROWS_PER_BLOCK,
 ) -> str:
-    """Store a reference-implementation PEF file (D-PEF or LRM-PEF) as a ``pefs`` artifact.
+    """Store a reference-implementation PEF file (D-, LRM- or LVRM-PEF) as a ``pefs`` artifact.
 
     Entries are re-sorted as our PEFs are: by parameter index (D-PEF; the reference stores them
     by descending value), by (class, parameter) for LRM-PEFs, whose cumulative ``col_offsets``
-    become a per-entry ``class_index``. ``sample_id`` is the row in the file; the artifact names
+    become a per-entry ``class_index``, and for LVRM-PEFs, whose ``ranks`` and per-column
+    ``col_sizes`` become the per-example ``rank`` and a per-entry ``class_index`` (the rank
+    position of the class, as :func:`~curvlake.pipelines.npeff.pefs.per_example_fisher_lvrm`
+    numbers the rows of A). ``sample_id`` is the row in the file; the artifact names
     no run (the model and inputs are not in the file), so perturbation tests and image collages
     do not apply to it.
 
@@ -181,17 +234,25 @@ def import_pefs_hdf5(
         The ``pefs`` artifact id (config: file name and sha256 of the file).
 
     Raises:
-        UserInputError: h5py missing, not an HDF5 file, an unknown layout (LVRM-PEF files too:
-            the reference cannot read them either), or missing datasets / attributes.
+        UserInputError: h5py missing, not an HDF5 file, an unknown layout, missing datasets /
+            attributes, or inconsistent entry counts.
     """
     lake = open_lake(lake) if isinstance(lake, str) else lake
     path = Path(path)
     if not isinstance(rows_per_block, int) or rows_per_block < 1:
         raise UserInputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}")
     with _open(path) as file:
+        class_index = None
         if "data/ranks" in file:
-            raise UserInputError(f"{path} holds LVRM-PEFs, whose import is not supported")
-        if "data/fisher" in file:
+            pef_kind = "lvrm"
+            _require(file, path, "LVRM-PEF", _LVRM_PEF, [("data", "n_parameters")])
+            logits_name = "data/logits"
+            n_parameters = _scalar(file["data"].attrs["n_parameters"])
+            values_name, norms_name = "data/values", "data/pef_frobenius_norms"
+            class_index = lvrm_class_index(
+                file["data/ranks"][:], file["data/col_sizes"][:], file[values_name].shape[1]
+            )
+        elif "data/fisher" in file:
             pef_kind = "diag"
             _require(file, path, "D-PEF", _DPEF, [("data/fisher", "dense_fisher_size")])
             # The reference writes predicted_logits but its own loader reads logits.
@@ -214,13 +275,18 @@ def import_pefs_hdf5(
             values_name, norms_name = "data/values", "data/pef_frobenius_norms"
         else:
             raise UserInputError(
-                f"{path} is not a PEF file: expected data/fisher/values (D-PEF) or "
-                "data/col_offsets (LRM-PEF)"
+                f"{path} is not a PEF file: expected data/fisher/values (D-PEF), "
+                "data/col_offsets (LRM-PEF) or data/ranks (LVRM-PEF)"
             )
         n, k = (int(s) for s in file[values_name].shape)
         num_classes = int(file[logits_name].shape[1])
         if pef_kind == "lowrank":
             lrm_class_index(file["data/col_offsets"][:], k)  # validate before writing anything
+        if class_index is not None and class_index.size and class_index.max() >= num_classes:
+            raise UserInputError(
+                f"{path}: data/ranks has ranks up to {class_index.max() + 1}, more than the "
+                f"{num_classes} classes of data/logits"
+            )
         config = {
             "imported_from": path.name,
             "sha256": file_sha256(path),
@@ -247,7 +313,7 @@ def import_pefs_hdf5(
                 outputs["class_index"] = writer.create_array(
                     "class_index", (n, k), "int32", chunks=chunks
                 )
-                convert = lambda rows: _lrm_rows(file, rows, n_parameters)  # noqa: E731
+                convert = lambda rows: _lrm_rows(file, rows, n_parameters, class_index)  # noqa: E731
             _copy_row_blocks(writer, n, convert, outputs, rows_per_block)
             writer.write(
                 "logits",
@@ -257,6 +323,8 @@ def import_pefs_hdf5(
             writer.write("dense_norm", np.asarray(file[norms_name][:], dtype=np.float32))
             writer.write("label", np.asarray(file["data/labels"][:], dtype=np.int64))
             writer.write("sample_id", np.arange(n, dtype=np.int64))
+            if pef_kind == "lvrm":
+                writer.write("rank", np.asarray(file["data/ranks"][:], dtype=np.int64))
             attrs = {
                 "pef_kind": pef_kind,
                 "storage": "topk",
@@ -267,6 +335,10 @@ def import_pefs_hdf5(
             }
             if pef_kind == "lowrank":
                 attrs["n_pef_classes"] = _scalar(file["data"].attrs["n_classes"])
+            for holder in (file, file["data"]):
+                if "min_prob_class" in holder.attrs:
+                    min_prob = np.asarray(holder.attrs["min_prob_class"]).ravel()[0]
+                    attrs["min_prob"] = float(min_prob)
             writer.set_attrs(**attrs)
     return writer.commit()
 
