@@ -701,9 +701,15 @@ def npeff_top(settings: Settings, npeff_id, components, n_top, out):
 @click.option(
     "--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True
 )
+@click.option(
+    "--max-abs-cos",
+    type=click.FloatRange(0, 1),
+    help="Isolate each component: move along the part of its direction orthogonal to every "
+    "other component whose |cosine| with it is <= this (default: the plain direction).",
+)
 @pass_settings
 def npeff_perturb(
-    settings: Settings, npeff_id, components, epsilon, n_top, n_baseline, seed, dtype
+    settings: Settings, npeff_id, components, epsilon, n_top, n_baseline, seed, dtype, max_abs_cos
 ):
     """Perturbation test: KL on the top examples vs a random baseline along each component."""
     from curvlake.pipelines.npeff.downstream import run_perturbation
@@ -719,6 +725,7 @@ def npeff_perturb(
             n_baseline=n_baseline,
             seed=seed,
             dtype=dtype,
+            max_abs_cos=max_abs_cos,
         )
     ds = lake_.open(perturbation_id)
     click.echo(

@@ -95,6 +95,14 @@ SPEC = ArtifactSpec(
             chunking=whole_array,
         ),
         ArraySpec(
+            "n_projected",
+            ("component",),
+            "int64",
+            "with max_abs_cos: other components with a non-zero coefficient in the direction",
+            required=False,
+            chunking=whole_array,
+        ),
+        ArraySpec(
             "sign",
             ("sign",),
             "int64",
@@ -114,6 +122,12 @@ SPEC = ArtifactSpec(
         AttrSpec("n_baseline", "baseline examples per component"),
         AttrSpec("seed", "seed of the baseline draw (per component: rng([seed, j]))"),
         AttrSpec("dtype", "float dtype of the forward passes", required=False),
+        AttrSpec(
+            "max_abs_cos",
+            "null, or: each direction is the part of h_j orthogonal to the span of the other "
+            "components whose absolute cosine with it is <= max_abs_cos, renormalized",
+            required=False,
+        ),
     ),
     example=_example,
     summary_keys=("epsilon", "n_top", "n_baseline", "seed", "components"),

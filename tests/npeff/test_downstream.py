@@ -24,6 +24,8 @@ from curvlake.pipelines.npeff.compute_pefs import run_pefs
 from curvlake.pipelines.npeff.downstream import (
     component_direction,
     component_directions,
+    component_gram,
+    isolation_coefficients,
     kl_divergence,
     perturbation_kl,
     run_perturbation,
@@ -363,6 +365,8 @@ def test_perturbation_input_validation(planted):
         ({"seed": -1}, "seed"),
         ({"dtype": "float16"}, "dtype"),
         ({"batch_size": 0}, "batch_size"),
+        ({"max_abs_cos": 1.5}, "max_abs_cos"),
+        ({"max_abs_cos": True}, "max_abs_cos"),
     ]
     for kwargs, match in cases:
         with pytest.raises(UserInputError, match=match):
@@ -392,3 +396,68 @@ def test_end_to_end_through_fit(planted):
     assert ds["kl_top"].shape == (2, 2) and np.isfinite(ds["kl_top"].values).all()
     assert (ds["kl_top"].values >= 0).all() and (ds["kl_baseline"].values >= 0).all()
     assert len(top_examples_table(lake, npeff_id, n_top=4)) == 8
+
+
+# -- isolated directions ---------------------------------------------------------------------
+
+
+def test_isolation_is_the_orthogonal_projection():
+    rng = np.random.default_rng(5)
+    H = rng.standard_normal((6, 9))
+    H[4] = H[0] + 0.1 * H[1]  # close to component 0: left in for small thresholds
+    H[5] = 0  # a zero row
+    gram = H @ H.T
+    norms = np.linalg.norm(H, axis=1)
+    for tau in (0.0, 0.3, 0.9, 1.0):
+        for j in range(5):
+            c = isolation_coefficients(gram, j, tau)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = np.abs(gram[:, j]) / (norms * norms[j])
+            S = [i for i in range(6) if i != j and not cos[i] > tau]
+            # oracle: h_j minus its projection on an orthonormal basis of span{h_i : i in S}
+            basis = np.linalg.svd(H[S].T, full_matrices=False)[0] if S else np.zeros((9, 0))
+            basis = basis[:, : np.linalg.matrix_rank(H[S])] if S else basis
+            expected = H[j] - basis @ (basis.T @ H[j])
+            np.testing.assert_allclose(c @ H, expected, atol=1e-12)
+            assert c[j] == 1 and all(c[i] == 0 for i in range(6) if i not in S and i != j)
+            assert c @ gram @ c == pytest.approx(expected @ expected, abs=1e-12)
+            for i in S:
+                assert abs((c @ H) @ H[i]) < 1e-10
+    np.testing.assert_array_equal(isolation_coefficients(gram, 5, 1.0), np.eye(6)[5])
+
+
+def test_component_gram_of_every_format(planted, tmp_path):
+    lake = planted["lake"]
+    H = {"dense": H_PLANTED, "csr": H_PLANTED, "lowrank": H_PLANTED * [[1], [-1]]}
+    for fmt, rows in H.items():
+        gram = component_gram(lake.group(planted[fmt]))
+        np.testing.assert_allclose(gram, rows @ rows.T, rtol=1e-6)
+
+
+def test_isolated_direction_perturbation(planted):
+    lake, pefs_id = planted["lake"], planted["pefs"]
+    options = {"epsilon": 1.0, "n_top": N_A, "n_baseline": 100, "progress": False}
+    plain = lake.open(run_perturbation(lake, planted["dense"], **options))
+    # component 1 overlaps component 0 (cos 0.71); isolated, it is exactly planted component 1
+    overlapping = np.array([H_PLANTED[0], H_PLANTED[0] + H_PLANTED[1]])
+    for fmt in ("dense", "csr"):
+        npeff_id = _write_npeff(lake, pefs_id, fmt, overlapping)
+        isolated = lake.open(run_perturbation(lake, npeff_id, max_abs_cos=1.0, **options))
+        np.testing.assert_allclose(
+            isolated["kl_top"].values[1], plain["kl_top"].values[1], rtol=1e-10
+        )
+        np.testing.assert_allclose(
+            isolated["kl_baseline"].values[1], plain["kl_baseline"].values[1], rtol=1e-10
+        )
+        assert isolated["n_projected"].values.tolist() == [1, 1]
+        assert isolated.attrs["max_abs_cos"] == 1.0
+        # a threshold below their cosine leaves the directions as they are
+        kept = lake.open(run_perturbation(lake, npeff_id, max_abs_cos=0.5, **options))
+        untouched = lake.open(run_perturbation(lake, npeff_id, **options))
+        np.testing.assert_allclose(kept["kl_top"].values, untouched["kl_top"].values, rtol=1e-12)
+        assert kept["n_projected"].values.tolist() == [0, 0]
+        assert untouched.attrs["max_abs_cos"] is None and "n_projected" not in untouched
+    # a component in the span of the others has nothing left to move along
+    parallel = _write_npeff(lake, pefs_id, "dense", np.array([H_PLANTED[0], 2 * H_PLANTED[0]]))
+    with pytest.raises(UserInputError, match="component 0 lies in the span"):
+        run_perturbation(lake, parallel, max_abs_cos=1.0, **options)

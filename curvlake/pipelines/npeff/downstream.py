@@ -17,6 +17,13 @@ Following Matena & Raffel, "NPEFF: Non-Negative Per-Example Fisher Factorization
   with ``S`` the top examples or a random baseline set that excludes them (unlike the seed,
   whose baseline is the first examples and may overlap the top set). The forward passes use
   ``torch.func.functional_call``, so the model's own parameters are never modified.
+- **Isolated directions** (``max_abs_cos``): components overlap, so moving along d_j also moves
+  along its neighbours. With ``max_abs_cos = τ`` the direction is the part of h_j orthogonal to
+  the span of every other component i with |cos(h_i, h_j)| <= τ (components more similar than τ
+  are left in: removing them would remove most of h_j), renormalized
+  (:func:`isolation_coefficients`). The seed's ``--max_abs_cos_sim`` subtracts the projections
+  on those components one after another, which is not the orthogonal projection unless they
+  are mutually orthogonal; here it is exact.
 
 Layers: kernels (:func:`component_direction`, :func:`kl_divergence`, :func:`model_logits`,
 :func:`perturbation_kl`) on arrays and torch modules; one Dask task per component that writes
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse
 import torch
 import zarr
 
@@ -81,6 +89,66 @@ def component_direction(
     d[target] = values
     norm = np.linalg.norm(d)
     return d / norm if norm > 0 else d
+
+
+def component_gram(group: zarr.Group) -> np.ndarray:
+    """``G[i, j] = <h_i, h_j>`` over all rows of H (G for LRM-NPEFF), float64.
+
+    Dense rows are read one column chunk at a time (memory: r x chunk); a sparse H is
+    multiplied as CSR.
+    """
+    fmt = group.attrs["format"]
+    n_columns = int(group["kept_columns"].shape[0])
+    if fmt == "csr":
+        indptr = np.asarray(group["H_indptr"][:], dtype=np.int64)
+        H = scipy.sparse.csr_matrix(
+            (
+                np.asarray(group["H_data"][:], dtype=np.float64),
+                np.asarray(group["H_indices"][:], dtype=np.int64),
+                indptr,
+            ),
+            shape=(len(indptr) - 1, n_columns),
+        )
+        return np.asarray((H @ H.T).toarray())
+    array = group["H" if fmt == "dense" else "G"]
+    step = int(array.chunks[1])
+    gram = np.zeros((array.shape[0], array.shape[0]))
+    for start in range(0, n_columns, step):
+        block = np.asarray(array[:, start : start + step], dtype=np.float64)
+        gram += block @ block.T
+    return gram
+
+
+def isolation_coefficients(gram: np.ndarray, j: int, max_abs_cos: float) -> np.ndarray:
+    """Coefficients ``c`` with ``sum_i c_i h_i = h_j - P_S h_j``, the part of h_j orthogonal to S.
+
+    ``S = {i != j : |G_ij| <= max_abs_cos * sqrt(G_ii G_jj)}`` (zero rows count as orthogonal)
+    and ``P_S`` the orthogonal projection onto ``span{h_i : i in S}``: ``c_j = 1``,
+    ``c_S = -x`` with ``x`` the minimum-norm least-squares solution of ``G_SS x = G_Sj`` (the
+    normal equations of ``min_x ||h_j - sum_S x_i h_i||``), zero elsewhere. The residual's
+    squared norm is ``c^T G c``.
+
+    Args:
+        gram: ``(r, r)`` Gram matrix of the rows (:func:`component_gram`).
+        j: the component.
+        max_abs_cos: τ in [0, 1].
+
+    Returns:
+        ``c`` (r,) float64.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    diag = np.clip(np.diag(gram), 0, None)
+    c = np.zeros(gram.shape[0])
+    c[j] = 1.0
+    if diag[j] == 0:
+        return c
+    others = np.arange(gram.shape[0]) != j
+    similar = np.abs(gram[:, j]) > max_abs_cos * np.sqrt(diag * diag[j])
+    S = np.flatnonzero(others & ~similar)
+    if S.size:
+        x = np.linalg.lstsq(gram[np.ix_(S, S)], gram[S, j], rcond=None)[0]
+        c[S] = -x
+    return c
 
 
 def kl_divergence(logits_p: torch.Tensor | np.ndarray, logits_q: torch.Tensor | np.ndarray):
@@ -507,10 +575,18 @@ def _perturb_task(
 ) -> int:
     """Perturb along component ``component``; write row ``row`` of every output, mark done."""
     group = open_lake(lake_url).group(source.npeff)
-    values, columns = _component_row(group, component)
-    direction = component_direction(
-        values, group["kept_columns"][:], int(group.attrs["n_parameters"]), columns
-    )
+    kept, n_params = group["kept_columns"][:], int(group.attrs["n_parameters"])
+    coefficients = options["coefficients"].get(component)
+    if coefficients is None:
+        values, columns = _component_row(group, component)
+        direction = component_direction(values, kept, n_params, columns)
+    else:  # isolated: the row combination sum_i c_i h_i over the kept columns
+        combined = np.zeros(len(kept))
+        for i, c in coefficients.items():
+            values, columns = _component_row(group, i)
+            target = slice(None) if columns is None else columns
+            combined[target] += c * np.asarray(values, dtype=np.float64)
+        direction = component_direction(combined, kept, n_params)
     split = cached_run_splits(lake_url, source.run).split(source.split)
     rows = np.concatenate([examples["top_rows"], examples["baseline_rows"]])
     model, lock = _eval_model(
@@ -540,6 +616,25 @@ def _perturb_task(
     return row
 
 
+def _isolation(
+    group: zarr.Group, components: list[int], max_abs_cos: float, npeff_id: str
+) -> dict[int, dict[int, float]]:
+    """Non-zero isolation coefficients ``{j: {i: c_i}}``; refuses a component in the span."""
+    gram = component_gram(group)
+    result = {}
+    for j in components:
+        c = isolation_coefficients(gram, j, max_abs_cos)
+        residual = float(c @ gram @ c)
+        if gram[j, j] > 0 and residual <= 1e-12 * gram[j, j]:
+            raise UserInputError(
+                f"{npeff_id}: component {j} lies in the span of the {np.count_nonzero(c) - 1} "
+                f"components whose |cosine| with it is <= {max_abs_cos}; nothing is left to "
+                "perturb along: use a smaller max_abs_cos"
+            )
+        result[j] = {int(i): float(c[i]) for i in np.flatnonzero(c)}
+    return result
+
+
 def run_perturbation(
     lake: Lake | str,
     npeff_id: str,
@@ -551,6 +646,7 @@ def run_perturbation(
     seed: int = 0,
     dtype: str = "float64",
     batch_size: int = 256,
+    max_abs_cos: float | None = None,
     progress: bool = True,
 ) -> str:
     """Perturbation test of NPEFF components; return the ``npeff_perturbation`` artifact id.
@@ -572,7 +668,14 @@ def run_perturbation(
         seed: seed of the baseline draws.
         dtype: ``float64`` (default: exact small-ε KLs) or ``float32`` forward passes.
         batch_size: examples per forward pass (does not change the result beyond rounding).
+        max_abs_cos: isolate each direction: perturb along the part of h_j orthogonal to the
+            span of every other component with |cosine| <= this (module docstring; ``None``:
+            the plain direction). ``n_projected`` records how many were projected out.
         progress: show a progress bar.
+
+    Raises:
+        UserInputError: bad options, or a component that lies in the span of the components
+            it is to be isolated from (nothing left to move along).
     """
     lake = _lake(lake)
     group = _npeff_group(lake, npeff_id)
@@ -602,6 +705,12 @@ def run_perturbation(
         raise UserInputError(f"dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
     if not _is_int(batch_size) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_abs_cos is not None and (
+        isinstance(max_abs_cos, bool)
+        or not isinstance(max_abs_cos, (int, float, np.number))
+        or not 0 <= max_abs_cos <= 1
+    ):
+        raise UserInputError(f"max_abs_cos must be a number in [0, 1], got {max_abs_cos!r}")
     source = _source(lake, group, npeff_id)
     n_params = int(lake.group(source.run)["theta"].shape[1])
     if int(group.attrs["n_parameters"]) != n_params:
@@ -622,6 +731,10 @@ def run_perturbation(
         "seed": seed,
         "dtype": dtype,
     }
+    coefficients: dict[int, dict[int, float]] = {}
+    if max_abs_cos is not None:
+        config["max_abs_cos"] = float(max_abs_cos)
+        coefficients = _isolation(group, components, float(max_abs_cos), npeff_id)
     writer = lake.begin("npeff_perturbation", config, [npeff_id])
     if writer.complete:
         return writer.id
@@ -638,7 +751,12 @@ def run_perturbation(
             "baseline_example", (r, n_baseline), "int64"
         )
         done = writer.progress("components", r)
-        options = {"epsilon": float(epsilon), "dtype": dtype, "batch_size": int(batch_size)}
+        options = {
+            "epsilon": float(epsilon),
+            "dtype": dtype,
+            "batch_size": int(batch_size),
+            "coefficients": coefficients,
+        }
         tasks = []
         for row in done.pending():
             top = _top_positions(W[:, row], n_top)
@@ -657,7 +775,11 @@ def run_perturbation(
         run_tasks(_perturb_task, tasks, description="perturbations", progress=progress)
         writer.write("component", np.asarray(components, dtype=np.int64))
         writer.write("sign", np.asarray(SIGNS, dtype=np.int64))
+        if max_abs_cos is not None:
+            projected = [len(coefficients[j]) - 1 for j in components]
+            writer.write("n_projected", np.asarray(projected, dtype=np.int64))
         writer.set_attrs(
+            max_abs_cos=None if max_abs_cos is None else float(max_abs_cos),
             npeff=npeff_id,
             pefs=source.pefs,
             run=source.run,
@@ -677,6 +799,8 @@ __all__ = [
     "TopExample",
     "component_direction",
     "component_directions",
+    "component_gram",
+    "isolation_coefficients",
     "kl_divergence",
     "model_logits",
     "perturbation_kl",
