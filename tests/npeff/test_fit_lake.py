@@ -149,6 +149,12 @@ def test_sparsify_round_trip_and_coefficients(pef_lake):
     for i in range(3):
         expected, _ = scipy.optimize.nnls(H.T, A[i])
         np.testing.assert_allclose(coeffs["W"].values[i], expected, rtol=1e-4, atol=1e-7)
+    # on the sparsified (CSR) components, kept sparse in the tasks
+    coeffs = lake.open(run_npeff_coeffs(lake, sparse_id, test_pefs, block_size=7, progress=False))
+    H_sparse = dense_components(lake, sparse_id).astype(np.float64)
+    for i in range(3):
+        expected, _ = scipy.optimize.nnls(H_sparse.T, A[i])
+        np.testing.assert_allclose(coeffs["W"].values[i], expected, rtol=1e-4, atol=1e-7)
 
 
 def test_lowrank_fit_runs_and_refuses_diag(pef_lake):

@@ -395,8 +395,8 @@ def run_npeff_sparsify(lake: Lake | str, npeff_id: str, *, threshold: float) -> 
     return writer.commit()
 
 
-def dense_components(lake: Lake, npeff_id: str) -> np.ndarray:
-    """H (r × kept columns) of an npeff artifact as a dense array (dense or CSR format)."""
+def components_matrix(lake: Lake, npeff_id: str) -> np.ndarray | sp.csr_matrix:
+    """H (r × kept columns) of an npeff artifact: dense (dense or lowrank format) or CSR."""
     ds = lake.open(npeff_id)
     if ds.attrs["format"] == "dense":
         return ds["H"].values
@@ -405,12 +405,19 @@ def dense_components(lake: Lake, npeff_id: str) -> np.ndarray:
     shape = (ds.sizes["component_ptr"] - 1, ds.sizes["column"])
     return sp.csr_matrix(
         (ds["H_data"].values, ds["H_indices"].values, ds["H_indptr"].values), shape=shape
-    ).toarray()
+    )
+
+
+def dense_components(lake: Lake, npeff_id: str) -> np.ndarray:
+    """H (r × kept columns) of an npeff artifact as a dense array (dense or CSR format)."""
+    H = components_matrix(lake, npeff_id)
+    return H.toarray() if sp.issparse(H) else H
 
 
 @functools.lru_cache(maxsize=2)
 def _components_and_gram(lake_url: str, npeff_id: str):
-    H = dense_components(open_lake(lake_url), npeff_id).astype(np.float64)
+    # A sparsified H stays CSR: the coefficient tasks never hold a dense r × P' copy of it.
+    H = components_matrix(open_lake(lake_url), npeff_id).astype(np.float64)
     return H, gram(H)
 
 
@@ -431,7 +438,8 @@ def _coeff_block(lake_url, npeff_id, pefs_id, rows: slice, out, done, block, opt
     else:
         A = sp.csr_matrix(np.asarray(group["dense"][rows], dtype=np.float64))
     A = sp.diags(1 / (norm + nmf_solver.NORM_EPS)) @ A[:, kept]
-    B = np.asarray(A @ H.T)
+    B = A @ H.T
+    B = B.toarray() if sp.issparse(B) else np.asarray(B)
     out[rows] = nnls_gram(G, B, method=options["method"], max_iter=options["max_iter"])
     done[block] = 1
     return block
