@@ -8,8 +8,9 @@ per chunk, which is most of what a read-bound pipeline spends its time on. For t
 — one Dask task asks for exactly one whole chunk of a local array — :class:`RawChunkReader`
 maps the file copy-on-write (``mmap``, ``MAP_PRIVATE``) and returns a view of the mapping after
 verifying the checksum: no copy at all, the page cache's pages are the array's memory (writes to
-the array stay private and never reach the file). Measured in ``benchmarks/lake_io.py``: about
-3x zarr's throughput from the page cache. Complete artifacts are immutable, so a mapped chunk
+the array stay private and never reach the file). From the page cache, one process reading
+and summing the 64 chunks of a 2 GiB array: zarr 2.6–6.0 s, mapped 0.43–0.50 s; through Dask
+from disk see ``benchmarks/lake_io.py``. Complete artifacts are immutable, so a mapped chunk
 file is never truncated under a reader (deleting it is safe: the mapping keeps the pages).
 
 Everything else (compressed, sharded or string arrays, remote stores, selections that are not
