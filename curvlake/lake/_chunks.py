@@ -6,8 +6,9 @@ A lake artifact's float arrays are stored uncompressed: each chunk file holds th
 payload into a second, freshly allocated output array: two copies and two sets of page faults
 per chunk, which is most of what a read-bound pipeline spends its time on. For the common read
 — one Dask task asks for exactly one whole chunk of a local array — :class:`RawChunkReader`
-maps the file copy-on-write (``mmap``, ``MAP_PRIVATE``) and returns a view of the mapping after
-verifying the checksum: no copy at all, the page cache's pages are the array's memory (writes to
+maps the file copy-on-write (``mmap``, ``MAP_PRIVATE``; chunks of 1 MiB and more, smaller ones
+are read into a fresh buffer) and returns a view of the mapping after verifying the checksum:
+no copy at all, the page cache's pages are the array's memory (writes to
 the array stay private and never reach the file). From the page cache, one process reading
 and summing the 64 chunks of a 2 GiB array: zarr 2.6–6.0 s, mapped 0.43–0.50 s; through Dask
 from disk see ``benchmarks/lake_io.py``. Complete artifacts are immutable, so a mapped chunk
@@ -35,6 +36,10 @@ from zarr.storage import LocalStore
 from curvlake.errors import CorruptChunkError
 
 CHECKSUM_BYTES = 4
+# Smaller chunks are read into a fresh buffer instead of mapped: a mapping per tiny chunk gains
+# nothing, and a result assembled from very many of them would hold one mapping each (Linux
+# allows 65530 per process by default).
+MAP_MIN_BYTES = 1 << 20
 
 
 class ChecksumMismatch(ValueError):
@@ -95,14 +100,21 @@ class RawChunkReader:
             for c, size, chunk in zip(coords, self.shape, self.chunks, strict=True)
         )
         path = self.directory / self.encode_chunk_key(coords)
+        size = self.chunk_nbytes + CHECKSUM_BYTES
         try:
-            with open(path, "rb") as file:
-                if os.fstat(file.fileno()).st_size != self.chunk_nbytes + CHECKSUM_BYTES:
+            with open(path, "rb", buffering=0) as file:
+                if os.fstat(file.fileno()).st_size != size:
                     raise ChecksumMismatch(f"chunk file {os.fspath(path)} has the wrong size")
-                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+                if size >= MAP_MIN_BYTES:
+                    buffer = np.frombuffer(
+                        mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8
+                    )
+                else:
+                    buffer = np.empty(size, np.uint8)
+                    if file.readinto(buffer) != size:
+                        raise ChecksumMismatch(f"chunk file {os.fspath(path)} was cut short")
         except FileNotFoundError:
             return np.full(extent, self.fill_value, self.dtype)
-        buffer = np.frombuffer(mapped, np.uint8)
         payload = buffer[: self.chunk_nbytes]
         stored = int.from_bytes(buffer[self.chunk_nbytes :].tobytes(), "little")
         if crc32c.crc32c(payload) != stored:

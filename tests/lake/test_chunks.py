@@ -1,11 +1,14 @@
 """The direct chunk reader returns exactly what zarr's decode path returns, or falls back."""
 
+import mmap
+
 import numpy as np
 import pytest
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from curvlake.errors import CorruptChunkError
+from curvlake.lake import _chunks as chunks_module
 from curvlake.lake._chunks import GuardedChunks, RawChunkReader, dask_array
 
 
@@ -53,6 +56,29 @@ def test_raw_reads_equal_zarr_reads(tmp_path, dtype, shape, chunks):
     np.testing.assert_array_equal(array[...], data)
 
 
+def test_mapped_large_chunks_equal_zarr_and_stay_private(tmp_path, monkeypatch):
+    data = np.random.default_rng(1).standard_normal((700, 300)).astype(np.float32)
+    array = _array(tmp_path, data, (512, 300))  # 600 KiB chunks
+    array[...] = data
+    for limit in (1 << 20, 1):  # read into a buffer, then mapped
+        monkeypatch.setattr(chunks_module, "MAP_MIN_BYTES", limit)
+        reader = RawChunkReader.for_array(array)
+        first, edge = reader.read((0, 0)), reader.read((1, 0))
+        np.testing.assert_array_equal(first, data[:512])
+        np.testing.assert_array_equal(edge, data[512:])
+        assert first.flags.writeable and first.flags.c_contiguous
+        assert isinstance(_memory_owner(first), mmap.mmap) == (limit == 1)
+        first[...] = 0
+        np.testing.assert_array_equal(array[:512], data[:512])
+
+
+def _memory_owner(array: np.ndarray):
+    owner = array
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    return owner.obj if isinstance(owner, memoryview) else owner
+
+
 def test_missing_chunks_read_as_fill_value(tmp_path):
     data = np.zeros((6, 4), np.float32)
     array = _array(tmp_path, data, (2, 4), fill_value=np.float32(np.nan))
@@ -83,8 +109,10 @@ def test_partial_selections_and_other_codecs_go_through_zarr(tmp_path):
     assert RawChunkReader.for_array(strings) is None
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
-def test_damaged_chunk_raises_naming_artifact_and_array(tmp_path, damage):
+def test_damaged_chunk_raises_naming_artifact_and_array(tmp_path, monkeypatch, damage, mapped):
+    monkeypatch.setattr(chunks_module, "MAP_MIN_BYTES", 1 if mapped else 1 << 20)
     data = np.arange(24, dtype=np.float32).reshape(6, 4)
     array = _array(tmp_path, data, (2, 4))
     array[...] = data
