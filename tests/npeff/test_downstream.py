@@ -440,7 +440,7 @@ def test_isolated_direction_perturbation(planted):
     plain = lake.open(run_perturbation(lake, planted["dense"], **options))
     # component 1 overlaps component 0 (cos 0.71); isolated, it is exactly planted component 1
     overlapping = np.array([H_PLANTED[0], H_PLANTED[0] + H_PLANTED[1]])
-    for fmt in ("dense", "csr"):
+    for fmt in ("dense", "csr", "lowrank"):
         npeff_id = _write_npeff(lake, pefs_id, fmt, overlapping)
         isolated = lake.open(run_perturbation(lake, npeff_id, max_abs_cos=1.0, **options))
         np.testing.assert_allclose(

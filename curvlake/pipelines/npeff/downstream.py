@@ -547,6 +547,30 @@ def _component_row(group: zarr.Group, component: int) -> tuple[np.ndarray, np.nd
     return np.asarray(group["H_data"][start:stop]), np.asarray(group["H_indices"][start:stop])
 
 
+def _combined_row(group: zarr.Group, coefficients: dict[int, float]) -> np.ndarray:
+    """``sum_i c_i h_i`` over the kept columns (float64), reading H once.
+
+    A dense row of H is spread over every column chunk, so the rows are combined chunk by
+    chunk rather than read one after another (which would read all of H once per row).
+    """
+    rows = np.fromiter(coefficients, dtype=np.int64)
+    c = np.fromiter(coefficients.values(), dtype=np.float64)
+    fmt = group.attrs["format"]
+    if fmt == "csr":
+        combined = np.zeros(int(group["kept_columns"].shape[0]))
+        for i, ci in zip(rows, c, strict=True):
+            values, columns = _component_row(group, int(i))
+            combined[columns] += ci * np.asarray(values, dtype=np.float64)
+        return combined
+    array = group["H" if fmt == "dense" else "G"]
+    n_columns, step = int(array.shape[1]), int(array.chunks[1])
+    combined = np.empty(n_columns)
+    for start in range(0, n_columns, step):
+        block = array.get_orthogonal_selection((rows, slice(start, start + step)))
+        combined[start : start + step] = c @ np.asarray(block, dtype=np.float64)
+    return combined
+
+
 def component_directions(
     lake: Lake | str, npeff_id: str, components: Sequence[int] | None = None
 ) -> dict[int, np.ndarray]:
@@ -581,12 +605,7 @@ def _perturb_task(
         values, columns = _component_row(group, component)
         direction = component_direction(values, kept, n_params, columns)
     else:  # isolated: the row combination sum_i c_i h_i over the kept columns
-        combined = np.zeros(len(kept))
-        for i, c in coefficients.items():
-            values, columns = _component_row(group, i)
-            target = slice(None) if columns is None else columns
-            combined[target] += c * np.asarray(values, dtype=np.float64)
-        direction = component_direction(combined, kept, n_params)
+        direction = component_direction(_combined_row(group, coefficients), kept, n_params)
     split = cached_run_splits(lake_url, source.run).split(source.split)
     rows = np.concatenate([examples["top_rows"], examples["baseline_rows"]])
     model, lock = _eval_model(
