@@ -9,7 +9,9 @@ Methods, all on the same eval-mode float32 model and the same inputs, in one pro
 * ``ours exact``: :func:`curvlake.pipelines.jacobian_stats.metrics.compute_metric` with
   ``metric='jacobian_operator'``: one forward, one vmapped input-only backward pass with the K
   one-hot cotangents, then sigma_max from the K x K Gram matrix (float64 eigvalsh). Also run with
-  ``channels_last=False`` to show what the NHWC layout contributes, and with ``method='lanczos'``.
+  ``channels_last=False`` to show what the NHWC layout contributes, without the input-gradient
+  conv2d (``stock conv backward``: vmap's own rule, which copies an expanded dummy input), and
+  with ``method='lanczos'``.
 * ``seed (anchor)``: the reference code's default path (magamba/overparameterization,
   ``core/metric_helpers.py``), reimplemented here: the input and all parameters require grad,
   one forward, then K separate ``backward(retain_graph=True)`` calls seeded with a rolled one-hot
@@ -28,6 +30,7 @@ from the oracle over the oracle's examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as torch_f
 from torch import Tensor, nn
 
+from curvlake.pipelines.jacobian_stats import metrics
 from curvlake.pipelines.jacobian_stats.metrics import compute_metric
 
 NUM_CLASSES = 10
@@ -198,6 +202,15 @@ def main() -> None:
     def seed_fn(b: Tensor) -> Tensor:
         return seed_operator_norm(model, b, seed_gen)
 
+    def stock_conv_backward(b: Tensor) -> Tensor:
+        # Ablation: without the input-gradient-only conv2d (vmap's own conv backward rule).
+        real = metrics.input_gradient_convolutions
+        metrics.input_gradient_convolutions = contextlib.nullcontext
+        try:
+            return compute_metric(model, b, metric="jacobian_operator")
+        finally:
+            metrics.input_gradient_convolutions = real
+
     methods: dict[str, tuple[Callable[[Tensor], Tensor], list[Tensor], int]] = {
         "ours exact (vmap VJP + Gram)": (
             lambda b: compute_metric(model, b, metric="jacobian_operator"),
@@ -209,6 +222,7 @@ def main() -> None:
             batches,
             n,
         ),
+        "ours exact, stock conv backward": (stock_conv_backward, batches, n),
         "seed (anchor): K backward + power it.": (seed_fn, batches, n),
         "autograd.functional.jacobian / ex.": (
             lambda b: functional_operator_norm(model, b),

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from curvlake.errors import UserInputError
+from curvlake.pipelines.jacobian_stats._input_grad_conv import input_gradient_convolutions
 
 __all__ = [
     "JACOBIAN_METRICS",
@@ -300,7 +301,8 @@ def input_jacobian(
 
 def _jacobian(fmap: OutputMap, x: Tensor, y: Tensor | None, chunk_size: int | None) -> Tensor:
     n = x.shape[0]
-    out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
+    with input_gradient_convolutions():  # a leaner vmapped conv backward (see its module)
+        out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
     _check_output(out)
     k = out.shape[-1]
     if k == 1:
