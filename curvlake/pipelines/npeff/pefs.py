@@ -603,7 +603,10 @@ class _Engine:
         used = [m for m in modules if m in seen]
         accs = [_LayerAccumulator(m, seen[m][0], slots[m], out, sqsum) for m in used]
         outputs = [seen[m][1] for m in used]
-        active = [k for k in range(K) if bool(weights[:, k].ne(0).any())]
+        if sqsum:  # only Σ_k g_k g_kᵀ matters: its square-root rows (C − 1 for all classes)
+            with torch.no_grad():
+                g_logits = _square_root_rows(g_logits)
+        active = [k for k in range(g_logits.shape[1]) if bool(g_logits[:, k].ne(0).any())]
         for j, k in enumerate(active):
             deltas = torch.autograd.grad(
                 logits,
@@ -625,6 +628,40 @@ class _Engine:
                         for info in slots[module].values():
                             out[:, info.offset : info.offset + info.size] = 0
         return log_probs, classes, weights
+
+
+def _square_root_rows(g: torch.Tensor) -> torch.Tensor:
+    """Rows ``s_r`` with ``Σ_r s_r s_rᵀ = Σ_k g_k g_kᵀ`` per example, as few as the rank needs.
+
+    The diagonal Fisher only depends on the logit-space matrix ``M = Σ_k g_k g_kᵀ = Gᵀ G``:
+    ``Σ_k (Jᵀ g_k)² = diag(Jᵀ M J) = Σ_r (Jᵀ s_r)²`` for any factorization ``M = Σ_r s_r s_rᵀ``.
+    With all C classes, ``g_c = √p_c (e_c − p)`` and ``M = diag(p) − p pᵀ`` annihilates the
+    ones vector, so ``rank M ≤ C − 1``: the eigen-factorization ``s_r = √λ_r v_r`` (float64,
+    eigenvalues below ``C · eps(dtype) · λ_max`` dropped, i.e. below the rounding of the
+    result) saves one backward pass in C. With fewer rows than classes (``min_prob``) the rows
+    are kept as they are.
+
+    Args:
+        g: ``(n, K, C)`` cotangents at the logits.
+
+    Returns:
+        ``(n, R, C)`` in ``g``'s dtype, ``R ≤ K``.
+    """
+    n, K, C = g.shape
+    if K < C:
+        return g
+    g64 = g.to(torch.float64)
+    # elementwise, not bmm: the same rounding whatever the batch size (chunking invariance)
+    gram = (g64.unsqueeze(-1) * g64.unsqueeze(-2)).sum(1)
+    lam, vec = torch.linalg.eigh(gram)  # ascending
+    tol = C * torch.finfo(g.dtype).eps * lam[:, -1:].clamp_min(0)
+    keep = lam > tol
+    R = int(keep.sum(1).max()) if n else 0
+    if R >= K:
+        return g
+    lam, vec, keep = lam[:, -R:], vec[:, :, -R:], keep[:, -R:]
+    rows = (vec * torch.where(keep, lam, torch.zeros_like(lam)).sqrt().unsqueeze(1)).transpose(1, 2)
+    return rows.to(g.dtype)
 
 
 def _check_backend(backend: str) -> None:
