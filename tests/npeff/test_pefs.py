@@ -249,12 +249,9 @@ def test_batch_size_invariance(name):
     f_all = pefs.per_example_fisher_diag(model, x, batch_size=64, **kw)
     a_all = pefs.per_example_fisher_lowrank(model, x, batch_size=64, **kw)
     lv_all = pefs.per_example_fisher_lvrm(model, x, max_classes=3, min_prob=0.1, **kw)
-    # Up to rounding: the D-PEF's backward cotangents mix classes (square-root rows), and the
-    # convolution kernels round differently for different batch sizes (a few ulps of the max).
-    f_atol = 16 * torch.finfo(DTYPE).eps * float(f_all.abs().max())
     for bs in (1, 3):
         torch.testing.assert_close(
-            pefs.per_example_fisher_diag(model, x, batch_size=bs, **kw), f_all, atol=f_atol, rtol=0
+            pefs.per_example_fisher_diag(model, x, batch_size=bs, **kw), f_all, atol=1e-15, rtol=0
         )
         torch.testing.assert_close(
             pefs.per_example_fisher_lowrank(model, x, batch_size=bs, **kw),
@@ -434,11 +431,18 @@ def test_matches_backpack_batch_diag_ggn_exact(name):
 def test_square_root_rows_factor_the_logit_fisher():
     torch.manual_seed(3)
     p = torch.softmax(torch.randn(6, 5, dtype=DTYPE) * 3, -1)
-    p[0] = torch.tensor([1 - 4e-30, 1e-30, 1e-30, 1e-30, 1e-30], dtype=DTYPE)  # near one-hot
-    g = p.sqrt().unsqueeze(-1) * (torch.eye(5, dtype=DTYPE) - p.unsqueeze(1))  # all classes
-    rows = pefs._square_root_rows(g)
-    assert rows.shape == (6, 4, 5)  # rank C - 1: one backward pass saved
+    p[0] = torch.tensor([1 - 4e-20, 1e-20, 1e-20, 1e-20, 1e-20], dtype=DTYPE)  # near one-hot
+    w = p.sqrt()
+    g = w.unsqueeze(-1) * (torch.eye(5, dtype=DTYPE) - p.unsqueeze(1))  # all classes
+    rows = pefs._square_root_rows(g, w)
+    assert rows.shape == (6, 4, 5)  # C - 1 rows: one backward pass saved
+    fisher = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(1)
+    torch.testing.assert_close(rows.transpose(1, 2) @ rows, fisher, rtol=1e-12, atol=1e-15)
+    # the tiny classes keep their (tiny) share exactly: nothing is truncated
     torch.testing.assert_close(
-        rows.transpose(1, 2) @ rows, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(1)
+        (rows.transpose(1, 2) @ rows)[0].diagonal()[1:], fisher[0].diagonal()[1:], rtol=1e-9, atol=0
     )
-    torch.testing.assert_close(pefs._square_root_rows(g[:, :3]), g[:, :3])  # fewer rows: kept
+    dropped = w.clone()
+    dropped[:, -1] = 0  # a class dropped (min_prob): the rows stay as they are
+    assert pefs._square_root_rows(g, dropped) is g
+    assert pefs._square_root_rows(g[:, :3], w[:, :3]).shape == (6, 3, 5)  # fewer rows: kept

@@ -13,7 +13,8 @@ with ``output_padding`` chosen so that the result has the input's spatial size. 
 ``conv2d`` calls through :class:`_Conv2dInputGrad` inside :func:`input_gradient_convolutions`
 gives the same numbers (bit-identical in float64 on resnet18_k against
 ``torch.autograd.functional.jacobian``, ``tests/jacobian_stats``) and removes those copies:
-1.14–1.31x end to end on resnet18_k (k=16), CIFAR-shaped, 1 thread (benchmarks/RESULTS.md).
+1.16x (1 thread) and 1.25x (2 threads) end to end on resnet18_k (k=16), CIFAR-shaped
+(benchmarks/RESULTS.md).
 
 Only calls the backward of which is fully described by the input gradient are rerouted:
 positional arguments, numeric padding, and a weight and bias that do not require gradients.

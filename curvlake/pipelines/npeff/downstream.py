@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse
 import torch
 import zarr
 
@@ -50,6 +49,8 @@ from curvlake.errors import LakeError, UserInputError
 from curvlake.lake import Lake, open_lake
 from curvlake.lake.checkpoints import cached_model
 from curvlake.nn.datasets import Split
+from curvlake.pipelines.npeff.coeffs import gram
+from curvlake.pipelines.npeff.fit import components_matrix
 from curvlake.pipelines.train import cached_run_splits
 
 SIGNS = (1, -1)
@@ -91,32 +92,12 @@ def component_direction(
     return d / norm if norm > 0 else d
 
 
-def component_gram(group: zarr.Group) -> np.ndarray:
+def component_gram(lake: Lake, npeff_id: str) -> np.ndarray:
     """``G[i, j] = <h_i, h_j>`` over all rows of H (G for LRM-NPEFF), float64.
 
-    Dense rows are read one column chunk at a time (memory: r x chunk); a sparse H is
-    multiplied as CSR.
+    Streamed over H's column chunks (memory: r x chunk); a sparse H is multiplied as CSR.
     """
-    fmt = group.attrs["format"]
-    n_columns = int(group["kept_columns"].shape[0])
-    if fmt == "csr":
-        indptr = np.asarray(group["H_indptr"][:], dtype=np.int64)
-        H = scipy.sparse.csr_matrix(
-            (
-                np.asarray(group["H_data"][:], dtype=np.float64),
-                np.asarray(group["H_indices"][:], dtype=np.int64),
-                indptr,
-            ),
-            shape=(len(indptr) - 1, n_columns),
-        )
-        return np.asarray((H @ H.T).toarray())
-    array = group["H" if fmt == "dense" else "G"]
-    step = int(array.chunks[1])
-    gram = np.zeros((array.shape[0], array.shape[0]))
-    for start in range(0, n_columns, step):
-        block = np.asarray(array[:, start : start + step], dtype=np.float64)
-        gram += block @ block.T
-    return gram
+    return gram(components_matrix(lake, npeff_id))
 
 
 def isolation_coefficients(gram: np.ndarray, j: int, max_abs_cos: float) -> np.ndarray:
@@ -636,15 +617,15 @@ def _perturb_task(
 
 
 def _isolation(
-    group: zarr.Group, components: list[int], max_abs_cos: float, npeff_id: str
+    lake: Lake, npeff_id: str, components: list[int], max_abs_cos: float
 ) -> dict[int, dict[int, float]]:
     """Non-zero isolation coefficients ``{j: {i: c_i}}``; refuses a component in the span."""
-    gram = component_gram(group)
+    G = component_gram(lake, npeff_id)
     result = {}
     for j in components:
-        c = isolation_coefficients(gram, j, max_abs_cos)
-        residual = float(c @ gram @ c)
-        if gram[j, j] > 0 and residual <= 1e-12 * gram[j, j]:
+        c = isolation_coefficients(G, j, max_abs_cos)
+        residual = float(c @ G @ c)
+        if G[j, j] > 0 and residual <= 1e-12 * G[j, j]:
             raise UserInputError(
                 f"{npeff_id}: component {j} lies in the span of the {np.count_nonzero(c) - 1} "
                 f"components whose |cosine| with it is <= {max_abs_cos}; nothing is left to "
@@ -753,7 +734,7 @@ def run_perturbation(
     coefficients: dict[int, dict[int, float]] = {}
     if max_abs_cos is not None:
         config["max_abs_cos"] = float(max_abs_cos)
-        coefficients = _isolation(group, components, float(max_abs_cos), npeff_id)
+        coefficients = _isolation(lake, npeff_id, components, float(max_abs_cos))
     writer = lake.begin("npeff_perturbation", config, [npeff_id])
     if writer.complete:
         return writer.id

@@ -395,13 +395,13 @@ def run_npeff_sparsify(lake: Lake | str, npeff_id: str, *, threshold: float) -> 
     return writer.commit()
 
 
-def components_matrix(lake: Lake, npeff_id: str) -> np.ndarray | sp.csr_matrix:
-    """H (r × kept columns) of an npeff artifact: dense (dense or lowrank format) or CSR."""
+def components_matrix(lake: Lake, npeff_id: str) -> da.Array | sp.csr_matrix:
+    """H (r × kept columns) of an npeff artifact: lazy Dask (dense, lowrank) or in-memory CSR."""
     ds = lake.open(npeff_id)
     if ds.attrs["format"] == "dense":
-        return ds["H"].values
+        return ds["H"].data
     if ds.attrs["format"] == "lowrank":
-        return ds["G"].values
+        return ds["G"].data
     shape = (ds.sizes["component_ptr"] - 1, ds.sizes["column"])
     return sp.csr_matrix(
         (ds["H_data"].values, ds["H_indices"].values, ds["H_indptr"].values), shape=shape
@@ -411,14 +411,15 @@ def components_matrix(lake: Lake, npeff_id: str) -> np.ndarray | sp.csr_matrix:
 def dense_components(lake: Lake, npeff_id: str) -> np.ndarray:
     """H (r × kept columns) of an npeff artifact as a dense array (dense or CSR format)."""
     H = components_matrix(lake, npeff_id)
-    return H.toarray() if sp.issparse(H) else H
+    return H.toarray() if sp.issparse(H) else np.asarray(H)
 
 
 @functools.lru_cache(maxsize=2)
 def _components_and_gram(lake_url: str, npeff_id: str):
     # A sparsified H stays CSR: the coefficient tasks never hold a dense r × P' copy of it.
-    H = components_matrix(open_lake(lake_url), npeff_id).astype(np.float64)
-    return H, gram(H)
+    H = components_matrix(open_lake(lake_url), npeff_id)
+    G = gram(H)
+    return (H.astype(np.float64) if sp.issparse(H) else np.asarray(H, dtype=np.float64)), G
 
 
 def _coeff_block(lake_url, npeff_id, pefs_id, rows: slice, out, done, block, options) -> int:

@@ -30,6 +30,7 @@ an interrupted import resumes. h5py is an optional dependency (``pip install 'cu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,20 +157,23 @@ def lrm_class_index(col_offsets: np.ndarray, k: int) -> np.ndarray:
 
 
 def _lrm_rows(
-    file, rows: slice, n_parameters: int, class_index: np.ndarray | None
+    file, rows: slice, n_parameters: int, lvrm: _LvrmCounts | None
 ) -> dict[str, np.ndarray]:
     """One block of an LRM/LVRM-PEF file with per-entry classes, sorted by (class, parameter).
 
-    ``class_index`` is the whole file's per-entry column (LVRM); ``None`` reads it from the
-    cumulative ``col_offsets`` (LRM).
+    Classes come from the cumulative ``col_offsets`` (LRM) or from the LVRM ranks and column
+    sizes of the block's examples.
     """
     values = np.asarray(file["data/values"][rows], dtype=np.float32)
     params = np.asarray(file["data/row_indices"][rows], dtype=np.int64)
     _check_indices(params, n_parameters, "data/row_indices")
-    if class_index is None:
-        classes = lrm_class_index(file["data/col_offsets"][rows], values.shape[1])
+    k = values.shape[1]
+    if lvrm is None:
+        classes = lrm_class_index(file["data/col_offsets"][rows], k)
     else:
-        classes = class_index[rows]
+        ranks = lvrm.ranks[rows]
+        first = lvrm.starts[rows.start]
+        classes = lvrm_class_index(ranks, lvrm.col_sizes[first : first + ranks.sum()], k)
     order = np.argsort(classes * n_parameters + params, axis=1, kind="stable")
     return {
         "values": np.take_along_axis(values, order, axis=1),
@@ -178,14 +182,17 @@ def _lrm_rows(
     }
 
 
-def lvrm_class_index(ranks: np.ndarray, col_sizes: np.ndarray, k: int) -> np.ndarray:
-    """Per-entry column (rank position) ``(n, k)`` from LVRM ranks and per-column entry counts.
+@dataclass(frozen=True)
+class _LvrmCounts:
+    """An LVRM file's ranks, column sizes and each example's first column (all small)."""
 
-    Example ``i`` owns ``col_sizes[s_i : s_i + r_i]`` with ``s_i = r_0 + … + r_{i-1}``; its ``k``
-    entries run through columns ``0 … r_i − 1`` in order, ``col_sizes`` entries each.
-    """
-    ranks = np.asarray(ranks, dtype=np.int64).ravel()
-    col_sizes = np.asarray(col_sizes, dtype=np.int64).ravel()
+    ranks: np.ndarray
+    col_sizes: np.ndarray
+    starts: np.ndarray
+
+
+def _check_lvrm_counts(ranks: np.ndarray, col_sizes: np.ndarray, k: int) -> None:
+    """Refuse ranks / column sizes that do not give every example exactly ``k`` entries."""
     if ranks.size and ranks.min() < 0:
         raise UserInputError("data/ranks has negative ranks")
     if col_sizes.size != ranks.sum():
@@ -202,6 +209,17 @@ def lvrm_class_index(ranks: np.ndarray, col_sizes: np.ndarray, k: int) -> np.nda
             f"data/col_sizes of example {bad[0]} sum to {per_example[bad[0]]}, not k = {k} "
             f"({bad.size} such examples)"
         )
+
+
+def lvrm_class_index(ranks: np.ndarray, col_sizes: np.ndarray, k: int) -> np.ndarray:
+    """Per-entry column (rank position) ``(n, k)`` from LVRM ranks and per-column entry counts.
+
+    Example ``i`` owns ``col_sizes[s_i : s_i + r_i]`` with ``s_i = r_0 + … + r_{i-1}``; its ``k``
+    entries run through columns ``0 … r_i − 1`` in order, ``col_sizes`` entries each.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64).ravel()
+    col_sizes = np.asarray(col_sizes, dtype=np.int64).ravel()
+    _check_lvrm_counts(ranks, col_sizes, k)
     column = np.arange(col_sizes.size) - np.repeat(np.cumsum(ranks) - ranks, ranks)
     return np.repeat(column, col_sizes).reshape(ranks.size, k)
 
@@ -242,16 +260,17 @@ def import_pefs_hdf5(
     if not isinstance(rows_per_block, int) or rows_per_block < 1:
         raise UserInputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}")
     with _open(path) as file:
-        class_index = None
+        lvrm = None
         if "data/ranks" in file:
             pef_kind = "lvrm"
             _require(file, path, "LVRM-PEF", _LVRM_PEF, [("data", "n_parameters")])
             logits_name = "data/logits"
             n_parameters = _scalar(file["data"].attrs["n_parameters"])
             values_name, norms_name = "data/values", "data/pef_frobenius_norms"
-            class_index = lvrm_class_index(
-                file["data/ranks"][:], file["data/col_sizes"][:], file[values_name].shape[1]
-            )
+            ranks = np.asarray(file["data/ranks"][:], dtype=np.int64).ravel()
+            col_sizes = np.asarray(file["data/col_sizes"][:], dtype=np.int64).ravel()
+            _check_lvrm_counts(ranks, col_sizes, int(file[values_name].shape[1]))
+            lvrm = _LvrmCounts(ranks, col_sizes, np.cumsum(ranks) - ranks)
         elif "data/fisher" in file:
             pef_kind = "diag"
             _require(file, path, "D-PEF", _DPEF, [("data/fisher", "dense_fisher_size")])
@@ -282,9 +301,9 @@ def import_pefs_hdf5(
         num_classes = int(file[logits_name].shape[1])
         if pef_kind == "lowrank":
             lrm_class_index(file["data/col_offsets"][:], k)  # validate before writing anything
-        if class_index is not None and class_index.size and class_index.max() >= num_classes:
+        if lvrm is not None and lvrm.ranks.size and lvrm.ranks.max() > num_classes:
             raise UserInputError(
-                f"{path}: data/ranks has ranks up to {class_index.max() + 1}, more than the "
+                f"{path}: data/ranks has ranks up to {lvrm.ranks.max()}, more than the "
                 f"{num_classes} classes of data/logits"
             )
         config = {
@@ -313,7 +332,7 @@ def import_pefs_hdf5(
                 outputs["class_index"] = writer.create_array(
                     "class_index", (n, k), "int32", chunks=chunks
                 )
-                convert = lambda rows: _lrm_rows(file, rows, n_parameters, class_index)  # noqa: E731
+                convert = lambda rows: _lrm_rows(file, rows, n_parameters, lvrm)  # noqa: E731
             _copy_row_blocks(writer, n, convert, outputs, rows_per_block)
             writer.write(
                 "logits",
@@ -323,8 +342,8 @@ def import_pefs_hdf5(
             writer.write("dense_norm", np.asarray(file[norms_name][:], dtype=np.float32))
             writer.write("label", np.asarray(file["data/labels"][:], dtype=np.int64))
             writer.write("sample_id", np.arange(n, dtype=np.int64))
-            if pef_kind == "lvrm":
-                writer.write("rank", np.asarray(file["data/ranks"][:], dtype=np.int64))
+            if lvrm is not None:
+                writer.write("rank", lvrm.ranks)
             attrs = {
                 "pef_kind": pef_kind,
                 "storage": "topk",

@@ -603,9 +603,9 @@ class _Engine:
         used = [m for m in modules if m in seen]
         accs = [_LayerAccumulator(m, seen[m][0], slots[m], out, sqsum) for m in used]
         outputs = [seen[m][1] for m in used]
-        if sqsum:  # only Σ_k g_k g_kᵀ matters: its square-root rows (C − 1 for all classes)
+        if sqsum:  # only Σ_k g_k g_kᵀ matters: C − 1 rows carry it when all classes are kept
             with torch.no_grad():
-                g_logits = _square_root_rows(g_logits)
+                g_logits = _square_root_rows(g_logits, weights)
         active = [k for k in range(g_logits.shape[1]) if bool(g_logits[:, k].ne(0).any())]
         for j, k in enumerate(active):
             deltas = torch.autograd.grad(
@@ -630,38 +630,35 @@ class _Engine:
         return log_probs, classes, weights
 
 
-def _square_root_rows(g: torch.Tensor) -> torch.Tensor:
-    """Rows ``s_r`` with ``Σ_r s_r s_rᵀ = Σ_k g_k g_kᵀ`` per example, as few as the rank needs.
+def _square_root_rows(g: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rows ``s_r`` with ``Σ_r s_r s_rᵀ = Σ_k g_k g_kᵀ`` per example; C − 1 of them for C classes.
 
     The diagonal Fisher only depends on the logit-space matrix ``M = Σ_k g_k g_kᵀ = Gᵀ G``:
-    ``Σ_k (Jᵀ g_k)² = diag(Jᵀ M J) = Σ_r (Jᵀ s_r)²`` for any factorization ``M = Σ_r s_r s_rᵀ``.
-    With all C classes, ``g_c = √p_c (e_c − p)`` and ``M = diag(p) − p pᵀ`` annihilates the
-    ones vector, so ``rank M ≤ C − 1``: the eigen-factorization ``s_r = √λ_r v_r`` (float64,
-    eigenvalues below ``C · eps(dtype) · λ_max`` dropped, i.e. below the rounding of the
-    result) saves one backward pass in C. With fewer rows than classes (``min_prob``) the rows
-    are kept as they are.
+    ``Σ_k (Jᵀ g_k)² = diag(Jᵀ M J) = Σ_r (Jᵀ s_r)²`` for any rows with ``Sᵀ S = M``, e.g.
+    ``S = U G`` with ``U`` orthogonal. When every example keeps all C classes, the rows
+    ``g_k = w_k (e_{c_k} − p)`` with ``w_k = √p_{c_k}`` are linearly dependent:
+    ``Σ_k w_k g_k = p − p Σ_c p_c = 0``. The Householder reflection ``U`` that maps
+    ``w / ||w||`` to ``−e_C`` therefore zeroes the last row of ``U G`` (up to rounding), which is
+    dropped: one backward pass saved in C, nothing truncated. Otherwise (some weight is zero,
+    e.g. with ``min_prob``) the rows are returned as they are.
 
     Args:
         g: ``(n, K, C)`` cotangents at the logits.
+        weights: ``(n, K)`` the ``w_k`` of those rows.
 
     Returns:
-        ``(n, R, C)`` in ``g``'s dtype, ``R ≤ K``.
+        ``(n, C − 1, C)`` or ``g`` itself, in ``g``'s dtype.
     """
-    n, K, C = g.shape
-    if K < C:
+    _, K, C = g.shape
+    if K != C or K < 2 or not bool((weights > 0).all()):
         return g
-    g64 = g.to(torch.float64)
-    # elementwise, not bmm: the same rounding whatever the batch size (chunking invariance)
-    gram = (g64.unsqueeze(-1) * g64.unsqueeze(-2)).sum(1)
-    lam, vec = torch.linalg.eigh(gram)  # ascending
-    tol = C * torch.finfo(g.dtype).eps * lam[:, -1:].clamp_min(0)
-    keep = lam > tol
-    R = int(keep.sum(1).max()) if n else 0
-    if R >= K:
-        return g
-    lam, vec, keep = lam[:, -R:], vec[:, :, -R:], keep[:, -R:]
-    rows = (vec * torch.where(keep, lam, torch.zeros_like(lam)).sqrt().unsqueeze(1)).transpose(1, 2)
-    return rows.to(g.dtype)
+    # Elementwise products and sums only (no bmm): the same rounding whatever the batch size.
+    g64, w = g.to(torch.float64), weights.to(torch.float64)
+    v = w / w.norm(dim=1, keepdim=True)
+    v[:, -1] += 1.0  # v = ŵ + e_C (ŵ ≥ 0, so no cancellation); U = I − 2 v vᵀ / vᵀv
+    vg = (v.unsqueeze(-1) * g64).sum(1, keepdim=True)  # (n, 1, C)
+    reflected = g64 - (2 / (v * v).sum(1))[:, None, None] * v.unsqueeze(-1) * vg
+    return reflected[:, :-1].to(g.dtype)
 
 
 def _check_backend(backend: str) -> None:
