@@ -186,14 +186,14 @@ def lake_gc(settings: Settings, dry_run):
 
 def _parse_assignments(items: tuple[str, ...], what: str) -> dict:
     """``KEY=VALUE`` pairs, values parsed as YAML scalars/lists (``k=8``, ``widths=[64,32]``)."""
-    import yaml
+    from curvlake._yaml import load_yaml
 
     parsed = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        parsed[key.strip()] = yaml.safe_load(value)
+        parsed[key.strip()] = load_yaml(value)
     return parsed
 
 
@@ -316,10 +316,10 @@ def train(
 
 
 def _load_options(path: str) -> dict:
-    import yaml
+    from curvlake._yaml import load_yaml
 
     try:
-        options = yaml.safe_load(Path(path).read_text())
+        options = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise click.BadParameter(f"no such file: {path}", param_hint="--config") from None
     if not isinstance(options, dict):
@@ -612,10 +612,18 @@ def npeff_fit(
             lrm_options=_parse_assignments(lrm_items, "--lrm"),
         )
     ds = lake_.open(npeff_id)
+    loss = float(ds["loss"][-1])
     click.echo(
-        f"{npeff_id}  {int(ds.attrs['iterations'])} iterations, final loss "
-        f"{float(ds['loss'][-1]):.5g}, converged: {ds.attrs['converged']}"
+        f"{npeff_id}  {int(ds.attrs['iterations'])} iterations, final relative loss "
+        f"{loss:.5g}, converged: {ds.attrs['converged']}"
     )
+    if loss > 0.999:
+        hint = "more G-only steps (--lrm n_iters_g_only=...)" if kind == "lowrank" else "a new seed"
+        click.echo(
+            f"warning: relative loss {loss:.4f}: the components explain almost none of the "
+            f"PEFs (W ≈ 0); try {hint}",
+            err=True,
+        )
 
 
 @npeff.command("sparsify")

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dask
-from tqdm.auto import tqdm
 
 from curvlake.errors import UserInputError
+from curvlake.progress import progress_bar
 
 CLUSTERS = ("auto", "local", "cuda", "slurm", "sync")
 
@@ -149,6 +149,21 @@ def current_client():
         return None
 
 
+def memory_budget() -> int:
+    """Bytes of memory the computation may use: the workers' total ``memory_limit``.
+
+    With no client (``sync``) it is this machine's available memory; a worker without a limit
+    counts its host's total memory.
+    """
+    import psutil
+
+    client = current_client()
+    if client is None:
+        return int(psutil.virtual_memory().available)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return int(sum(w.get("memory_limit") or psutil.virtual_memory().total for w in workers))
+
+
 def run_tasks(
     function: Callable[..., Any],
     tasks: Sequence[tuple],
@@ -164,7 +179,9 @@ def run_tasks(
     its progress block itself, so an interruption loses at most the tasks in flight.
     ``on_result(args, result)`` is called in this process as results arrive.
     """
-    bar = tqdm(total=len(tasks), desc=description, unit="task", disable=not progress or not tasks)
+    bar = progress_bar(
+        total=len(tasks), desc=description, unit="task", disable=not progress or not tasks
+    )
     client = current_client()
     try:
         if client is None:

@@ -37,3 +37,15 @@ def test_user_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "no artifact 'run-0123456789abcdef'" in result.output
     result = _run("--lake", str(tmp_path / "lake"), "lake", "ls", "--kind", "nope")
     assert result.exit_code == 1 and "unknown artifact kind 'nope'" in result.output
+
+
+def test_yaml_numbers_as_users_write_them():
+    from curvlake._yaml import load_yaml
+
+    assert load_yaml("lr: 1e-3\nwd: 5E-4\nk: 8\nwidths: [64, 32]\nname: 1e3x") == {
+        "lr": 0.001,
+        "wd": 0.0005,
+        "k": 8,
+        "widths": [64, 32],
+        "name": "1e3x",
+    }

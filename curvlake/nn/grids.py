@@ -133,9 +133,9 @@ def load_grid(path: str | os.PathLike) -> GridSpec:
     text = path.read_text()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
+            from curvlake._yaml import load_yaml
 
-            spec = yaml.safe_load(text)
+            spec = load_yaml(text)
         elif suffix == ".json":
             spec = json.loads(text)
         else:

@@ -561,9 +561,9 @@ def train_epochs(
     history: list[dict[str, float]] = []
     epochs: Any = range(start_epoch, config.epochs)
     if progress:
-        from tqdm.auto import tqdm
+        from curvlake.progress import progress_bar
 
-        epochs = tqdm(epochs, desc=f"train {config.model}", unit="epoch")
+        epochs = progress_bar(epochs, desc=f"train {config.model}", unit="epoch")
     for epoch in epochs:
         stats = train_one_epoch(
             model, optimizer, train.x, train.y, config, epoch, device, pad_value=pad_value
@@ -580,7 +580,9 @@ def train_epochs(
             metrics[f"{name}_accuracy"] = result["accuracy"]
         history.append(metrics)
         if progress:
-            epochs.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}")
+            epochs.set_postfix(
+                loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}", refresh=False
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
     return history

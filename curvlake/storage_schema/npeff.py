@@ -43,7 +43,9 @@ SPEC = ArtifactSpec(
         "unit-normalized, scale moved into W, small entries dropped) as CSR arrays "
         "`H_data`, `H_indices` (column), `H_indptr`; `format=lowrank`: LRM-NPEFF, F_i ~ "
         "sum_j W_ij g_j g_j^T with `G` (component, column). `loss[t]` is the true relative "
-        "loss ||A - WH||_F / ||A||_F after iteration t (t = 0: the initialization)."
+        "loss after iteration t (t = 0: the initialization): ||A - WH||_F / ||A||_F, for "
+        "LRM-NPEFF sqrt(sum_i ||F_i - sum_j W_ij g_j g_j^T||_F^2 / sum_i ||F_i||_F^2), its "
+        "full objective (with the orthogonality penalty) in `objective`."
     ),
     arrays=(
         ArraySpec("W", ("example", "component"), "float", "coefficients (non-negative)"),
@@ -82,6 +84,14 @@ SPEC = ArtifactSpec(
         ),
         ArraySpec(
             "loss", ("iteration",), "float64", "relative loss per iteration", chunking=whole_array
+        ),
+        ArraySpec(
+            "objective",
+            ("iteration",),
+            "float64",
+            "LRM-NPEFF objective per iteration (data loss + orthogonality penalty)",
+            required=False,
+            chunking=whole_array,
         ),
         ArraySpec(
             "seconds",

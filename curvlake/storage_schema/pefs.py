@@ -47,6 +47,14 @@ SPEC = ArtifactSpec(
             "dense", ("example", "param"), "float", "the dense PEF matrix", variants=("dense",)
         ),
         ArraySpec(
+            "factors",
+            ("example", "factor_row", "param"),
+            "float",
+            "low-rank factor A_i per example: rows sqrt(p_c) grad log p_c (lvrm: the first "
+            "`rank` rows; the rest are zero)",
+            variants=("dense_factors",),
+        ),
+        ArraySpec(
             "dense_norm",
             ("example",),
             "float32",

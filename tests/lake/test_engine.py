@@ -1,11 +1,14 @@
 """The engine: one way to get a client; tasks run on a real LocalCluster or in-process."""
 
+import time
+
 import numpy as np
 import pytest
 
-from curvlake.engine import client_session, current_client, get_client, run_tasks
+from curvlake.engine import client_session, current_client, get_client, memory_budget, run_tasks
 from curvlake.errors import UserInputError
 from curvlake.lake import open_lake
+from curvlake.progress import progress_bar
 
 
 def _square_into(array, block):
@@ -52,3 +55,26 @@ def test_tasks_on_local_cluster_write_owned_chunks(tmp_path, n_workers):
             progress=False,
         )
     np.testing.assert_array_equal(progress.array[:], [0, 1, 4, 9, 16, 25])
+
+
+def test_memory_budget_is_the_workers_total_limit():
+    import psutil
+
+    with client_session(cluster="sync"):
+        assert 0 < memory_budget() <= psutil.virtual_memory().total
+    with client_session(
+        cluster="local", n_workers=2, threads_per_worker=1, processes=False, memory_limit="300MB"
+    ):
+        assert memory_budget() == 2 * 300_000_000
+
+
+def test_progress_bar_redraws_rarely_in_logs(capsys):
+    # Under pytest stderr is captured, not a terminal: a log. Over 0.6 s tqdm's default would
+    # redraw ~6 times; here the bar is drawn when it opens and when it closes.
+    bar = progress_bar(total=60, desc="steps")
+    for _ in range(60):
+        time.sleep(0.01)
+        bar.update()
+    bar.close()
+    lines = [line for line in capsys.readouterr().err.split("\r") if "steps" in line]
+    assert len(lines) == 2 and "60/60" in lines[-1]

@@ -1,6 +1,8 @@
 """NPEFF fits through the lake: against the in-memory solver, resume after SIGKILL, workers."""
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +14,13 @@ import pytest
 import scipy.optimize
 import scipy.sparse as sp
 import zarr
+from click.testing import CliRunner
 
+from curvlake.cli import cli
 from curvlake.engine import client_session
 from curvlake.errors import UserInputError
 from curvlake.lake import open_lake
+from curvlake.pipelines.npeff import fit as fit_module
 from curvlake.pipelines.npeff import nmf
 from curvlake.pipelines.npeff.compute_pefs import run_pefs
 from curvlake.pipelines.npeff.fit import (
@@ -91,6 +96,35 @@ def test_worker_count_does_not_change_the_fit(pef_lake):
         spread = lake.open(run_npeff_fit(lake, pefs, block_size=37, **options))
     np.testing.assert_allclose(spread["W"].values, alone["W"].values, rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(spread["loss"].values, alone["loss"].values, rtol=1e-6)
+
+
+def test_blocks_kept_in_memory_when_they_fit_else_streamed(pef_lake, monkeypatch):
+    """Persisted A (fits the budget) and streamed A (out of core) give the same fit; only the
+    streamed one reads every block again on every pass."""
+    lake, _, pefs, _ = pef_lake
+    loads = []
+    load_block = fit_module._load_block
+
+    def counting_load(url, widths, b):
+        loads.append(b)
+        return load_block(url, widths, b)
+
+    monkeypatch.setattr(fit_module, "_load_block", counting_load)
+    results = {}
+    for name, share in (("persisted", fit_module.PERSIST_SHARE), ("streamed", 0.0)):
+        monkeypatch.setattr(fit_module, "PERSIST_SHARE", share)
+        loads.clear()
+        options = {"n_components": 3, "max_iter": 6, "tol": 0, "block_size": 50}
+        npeff_id = run_npeff_fit(lake, pefs, progress=False, **options)
+        ds = lake.open(npeff_id).load()
+        results[name] = (ds, sorted(loads), -(-ds.sizes["column"] // 50))
+        shutil.rmtree(Path(lake.url) / "npeff" / npeff_id)  # the same fit again, from scratch
+    persisted, persisted_loads, n_blocks = results["persisted"]
+    streamed, streamed_loads, _ = results["streamed"]
+    assert persisted_loads == list(range(n_blocks))
+    assert len(streamed_loads) >= 6 * n_blocks
+    np.testing.assert_array_equal(persisted["W"].values, streamed["W"].values)
+    np.testing.assert_array_equal(persisted["loss"].values, streamed["loss"].values)
 
 
 def test_killed_fit_resumes_to_the_same_result(pef_lake):
@@ -178,3 +212,47 @@ def test_lowrank_fit_runs_and_refuses_diag(pef_lake):
     assert ds["loss"].values[-1] <= ds["loss"].values[0]
     with pytest.raises(UserInputError, match="n_components"):
         run_npeff_fit(lake, pefs, n_components=0)
+
+
+def test_cli_lrm_options_are_parsed_as_users_write_them(pef_lake):
+    lake, run_id, _, _ = pef_lake
+    low = run_pefs(lake, run_id, n_examples=30, pef_kind="lowrank", k=128, progress=False)
+    base = ["--lake", lake.url, "--cluster", "sync", "npeff", "fit", "--pefs", low]
+    base += ["--components", "2", "--kind", "lowrank", "--max-iter", "3"]
+    runner = CliRunner()
+    result = runner.invoke(cli, [*base, "--lrm", "learning_rate=1e-3", "--lrm", "n_iters_g_only=1"])
+    assert result.exit_code == 0, result.output
+    npeff_id = re.search(r"npeff-[0-9a-f]{16}", result.output).group()
+    options = lake.info(npeff_id).config["lrm_options"]
+    assert options == {"learning_rate": 0.001, "n_iters_g_only": 1}
+    for bad, message in (
+        ("learning_rate=fast", "learning_rate must be a number, got 'fast'"),
+        ("n_iters_g_only=2.5", "n_iters_g_only must be an integer, got 2.5"),
+        ("adam_beta=0.9", "bad LRM option"),
+    ):
+        result = runner.invoke(cli, [*base, "--lrm", bad])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_lowrank_loss_is_the_true_relative_loss_and_divergence_is_an_error(pef_lake):
+    lake, run_id, _, _ = pef_lake
+    low = run_pefs(lake, run_id, n_examples=12, pef_kind="lowrank", storage="dense", progress=False)
+    options = {"n_components": 2, "kind": "lowrank", "max_iter": 4, "tol": 0, "progress": False}
+    ds = lake.open(run_npeff_fit(lake, low, **options))
+    pefs = lake.open(low)
+    A = pefs["factors"].values.astype(np.float64)  # (n, C, P)
+    A /= np.sqrt(pefs["dense_norm"].values.astype(np.float64) + nmf.NORM_EPS)[:, None, None]
+    G = np.zeros((2, A.shape[2]))
+    G[:, ds["kept_columns"].values] = ds["G"].values
+    W = ds["W"].values
+    residual = total = 0.0
+    for i in range(A.shape[0]):
+        F = A[i].T @ A[i]
+        residual += np.sum((F - (G.T * W[i]) @ G) ** 2)
+        total += np.sum(F**2)
+    np.testing.assert_allclose(ds["loss"].values[-1], np.sqrt(residual / total), rtol=1e-4)
+    assert ds["objective"].shape == ds["loss"].shape
+    np.testing.assert_allclose(ds["objective"].values[-1], residual, rtol=1e-3)
+    with pytest.raises(UserInputError, match="diverged at iteration .* lower the learning rate"):
+        run_npeff_fit(lake, low, **options, lrm_options={"learning_rate": 1e6})

@@ -135,11 +135,18 @@ def run_pefs(
     if storage not in STORAGES:
         raise UserInputError(f"storage={storage!r} is not one of: {', '.join(STORAGES)}")
     if pef_kind == "lowrank" and (min_prob is not None or max_classes is not None):
-        raise UserInputError("lowrank PEFs take top_k_classes, not min_prob / max_classes")
+        raise UserInputError(
+            "lowrank PEFs take top_k_classes (--top-k-classes), not min_prob / max_classes"
+        )
     if pef_kind == "diag" and (max_classes is not None or top_k_classes is not None):
-        raise UserInputError("diag PEFs take min_prob only")
+        raise UserInputError(
+            "diag PEFs take min_prob (--min-prob) only, not max_classes / top_k_classes"
+        )
     if pef_kind == "lvrm" and (max_classes is None or min_prob is None):
-        raise UserInputError("lvrm PEFs need both max_classes and min_prob")
+        raise UserInputError(
+            "lvrm PEFs need both max_classes and min_prob (--max-classes M --min-prob P): each "
+            "example keeps its classes with p >= min_prob, at most max_classes of them"
+        )
     n = len(data) if n_examples is None else int(n_examples)
     if not 1 <= n <= len(data):
         raise UserInputError(f"n_examples must be in 1..{len(data)} (the {split} split), got {n}")

@@ -14,7 +14,10 @@ D-NPEFF out of core (``run_npeff_fit``, ``kind="diag"``):
 3. on convergence (or ``max_iter``) W, H, the column map and the loss history become the
    ``npeff`` artifact and the work area is removed.
 
-Only blocks of A (and of H) are ever in a worker's memory; W (n × r) lives on the client.
+Only blocks of A (and of H) are ever in a worker's memory; W (n × r) lives on the client. When
+A's blocks take at most ``PERSIST_SHARE`` of the workers' total memory they are read once and
+kept in the workers' memory (``persist``) for all iterations; otherwise every pass reads them from
+the staging area again (out of core).
 LRM-NPEFF (``kind="lowrank"``) reads the low-rank PEFs into memory for preprocessing (n·k values),
 then runs the same kind of resumable Dask iteration over column blocks of X.
 """
@@ -22,6 +25,7 @@ then runs the same kind of resumable Dask iteration over column blocks of X.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import dask
@@ -29,14 +33,14 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 import zarr
-from tqdm.auto import tqdm
 
-from curvlake.engine import run_tasks
+from curvlake.engine import memory_budget, run_tasks
 from curvlake.errors import UserInputError
 from curvlake.lake import ArtifactWriter, Lake, open_lake
 from curvlake.pipelines.npeff import lrm as lrm_solver
 from curvlake.pipelines.npeff import nmf as nmf_solver
 from curvlake.pipelines.npeff.coeffs import gram, nnls_gram, sparsify
+from curvlake.progress import progress_bar
 
 WORK = "_work"
 FIT_KINDS = ("diag", "lowrank")
@@ -66,16 +70,30 @@ def _store_block(block: Any, group: zarr.Group, b: int, done: zarr.Array) -> int
         sub.create_array(
             name, shape=values.shape, chunks=(max(1, values.size),), dtype=values.dtype
         )[...] = values
-    sub.attrs["shape"] = [int(s) for s in csr.shape]
     done[b] = 1
     return b
 
 
-def _load_block(url: str, b: int) -> sp.csr_matrix:
-    # No cache: out of core, a block is read when a task needs it and dropped after.
-    sub = zarr.open_group(f"{url}/b{b}", mode="r")
-    shape = tuple(sub.attrs["shape"])
-    return sp.csr_matrix((sub["data"][:], sub["indices"][:], sub["indptr"][:]), shape=shape)
+def _load_block(url: str, widths: list[int], b: int) -> sp.csr_matrix:
+    """Read CSR block ``b`` (arrays opened by path: no group listing)."""
+    data, indices, indptr = (
+        zarr.open_array(f"{url}/b{b}/{name}", mode="r")[:] for name in ("data", "indices", "indptr")
+    )
+    return sp.csr_matrix((data, indices, indptr), shape=(indptr.size - 1, widths[b]))
+
+
+def _block_nbytes(url: str, n_blocks: int) -> int:
+    """Bytes of the stored CSR blocks once in memory (from the arrays' metadata)."""
+    return sum(
+        zarr.open_array(f"{url}/b{b}/{name}", mode="r").nbytes
+        for b in range(n_blocks)
+        for name in ("data", "indices", "indptr")
+    )
+
+
+# A fits "in memory" when its blocks take at most this share of the workers' memory; it is then
+# read once and kept there (persisted) instead of being read from the staging area every pass.
+PERSIST_SHARE = 0.25
 
 
 def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool):
@@ -103,50 +121,63 @@ def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool
         stores = [
             dask.delayed(_store_block)(blocks[b], a_group, b, done.array) for b in done.pending()
         ]
-        with tqdm(total=1, desc="lay out PEF column blocks", disable=not progress) as bar:
+        with progress_bar(total=1, desc="lay out PEF column blocks", disable=not progress) as bar:
             dask.compute(*stores)
             bar.update()
         a_group.attrs["widths"] = widths
         a_group.create_array(
             "kept_columns", shape=kept.shape, dtype="int64", chunks=(max(1, kept.size),)
         )[...] = kept
-    widths = a_group.attrs["widths"]
+    widths = [int(w) for w in a_group.attrs["widths"]]
     kept = np.asarray(a_group["kept_columns"][:])
     n = pefs.sizes["example"]
     url = f"{writer.url}/{WORK}/A"
     A = nmf_solver.dask_from_block_loader(
-        functools.partial(_load_block, url), n, widths, np.float32, name=f"A-{writer.id}"
+        functools.partial(_load_block, url, widths), n, widths, np.float32, name=f"A-{writer.id}"
     )
+    if _block_nbytes(url, len(widths)) <= PERSIST_SHARE * memory_budget():
+        A = A.persist()
     return A, kept
 
 
 # -- D-NPEFF ---------------------------------------------------------------------------------
 
 
-def _save_state(state_group: zarr.Group, state) -> None:
+STATE_ARRAYS = ("W", "AHt", "HHt")
+
+
+def _state_buffers(state_group: zarr.Group, n: int, r: int) -> dict[str, zarr.Array]:
+    """The two buffers of each small state array, created once (handles reused every save)."""
+    shapes = {"W": (n, r), "AHt": (n, r), "HHt": (r, r)}
+    existing = set(state_group.array_keys())
+    buffers = {}
+    for name in STATE_ARRAYS:
+        for b in range(2):
+            key = f"{name}{b}"
+            if key not in existing:
+                state_group.create_array(
+                    key, shape=shapes[name], dtype="float64", chunks=shapes[name]
+                )
+            buffers[key] = state_group[key]
+    return buffers
+
+
+def _save_state(state_group: zarr.Group, buffers: dict[str, zarr.Array], state) -> None:
     """Double-buffered small state; ``meta`` (the iteration) is written last."""
     t = state.iteration
     arrays, meta = state.checkpoint()
-    for name in ("W", "AHt", "HHt"):
-        key = f"{name}{t % 2}"
-        value = np.asarray(arrays[name], dtype=np.float64)
-        if key not in state_group.array_keys():
-            state_group.create_array(key, shape=value.shape, dtype="float64", chunks=value.shape)
-        state_group[key][...] = value
+    for name in STATE_ARRAYS:
+        buffers[f"{name}{t % 2}"][...] = np.asarray(arrays[name], dtype=np.float64)
     state_group.attrs["meta"] = {**meta, "buffer": t % 2}
 
 
-def _load_state(A, state_group: zarr.Group, H_buffers):
+def _load_state(A, state_group: zarr.Group, buffers, H_buffers):
     meta = state_group.attrs.get("meta")
     if meta is None:
         return None
     b = meta["buffer"]
-    arrays = {
-        "W": state_group[f"W{b}"][:],
-        "AHt": state_group[f"AHt{b}"][:],
-        "HHt": state_group[f"HHt{b}"][:],
-        "H": da.from_zarr(H_buffers[b]),
-    }
+    arrays = {name: buffers[f"{name}{b}"][:] for name in STATE_ARRAYS}
+    arrays["H"] = da.from_zarr(H_buffers[b])
     return nmf_solver.nmf_state_from_checkpoint(A, arrays, meta)
 
 
@@ -163,11 +194,12 @@ def _fit_diag(writer, pefs, config: nmf_solver.NmfConfig, block_size: int, progr
                 key, shape=(r, A.shape[1]), dtype="float32", chunks=(r, max(A.chunks[1]))
             )
         H_buffers.append(state_group[key])
-    state = _load_state(A, state_group, H_buffers)
+    buffers = _state_buffers(state_group, A.shape[0], r)
+    state = _load_state(A, state_group, buffers, H_buffers)
     if state is None:
         state = nmf_solver.nmf_init_dask(A, config)
-        _save_state_with_h(state_group, state, H_buffers)
-    bar = tqdm(
+        _save_state_with_h(state_group, buffers, state, H_buffers)
+    bar = progress_bar(
         total=config.max_iter,
         initial=state.iteration,
         desc="D-NPEFF",
@@ -177,18 +209,18 @@ def _fit_diag(writer, pefs, config: nmf_solver.NmfConfig, block_size: int, progr
     steps = nmf_solver.iter_nmf_dask(A, config, state=state, h_target=lambda t: H_buffers[t % 2])
     for step in steps:
         state = step
-        _save_state(state_group, state)
+        _save_state(state_group, buffers, state)
         bar.update()
-        bar.set_postfix(loss=f"{state.losses[-1]:.5f}")
+        bar.set_postfix(loss=f"{state.losses[-1]:.5f}", refresh=False)
     bar.close()
     return state, kept
 
 
-def _save_state_with_h(state_group, state, H_buffers) -> None:
+def _save_state_with_h(state_group, buffers, state, H_buffers) -> None:
     """The initial state: its H (lazy random init) is stored in buffer 0 first."""
     da.store(state.H.astype(np.float32), H_buffers[0], lock=False)
     state.H = da.from_zarr(H_buffers[0])
-    _save_state(state_group, state)
+    _save_state(state_group, buffers, state)
 
 
 # -- LRM-NPEFF -------------------------------------------------------------------------------
@@ -228,7 +260,7 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
         }
         state = lrm_solver.lrm_state_from_checkpoint(X, arrays, meta)
     total = config.n_iters_g_only + config.n_iters_joint
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=0 if state is None else state.iteration,
         desc="LRM-NPEFF",
@@ -236,9 +268,15 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
         disable=not progress,
     )
     final = state
+    buffers = {key: state_group[key] for key in state_group.array_keys()}  # opened once
     for final in lrm_solver.iter_lrm_dask(
         X, config, n_classes=C, state=state, tr_const=matrix.tr_const
     ):
+        if not math.isfinite(final.losses[-1]):
+            raise UserInputError(
+                f"LRM-NPEFF diverged at iteration {final.iteration} (the loss is not finite): "
+                f"lower the learning rate (--lrm learning_rate=..., now {config.learning_rate:g})"
+            )
         arrays, meta = final.checkpoint()
         b = final.iteration % 2
         for name, value in arrays.items():
@@ -246,14 +284,14 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
                 continue
             value = np.asarray(value.compute() if isinstance(value, da.Array) else value)
             key = f"{name}{b}"
-            if key not in state_group.array_keys():
-                state_group.create_array(
+            if key not in buffers:
+                buffers[key] = state_group.create_array(
                     key, shape=value.shape, dtype=value.dtype, chunks=value.shape or (1,)
                 )
-            state_group[key][...] = value
+            buffers[key][...] = value
         state_group.attrs["meta"] = {**meta, "buffer": b}
         bar.update()
-        bar.set_postfix(loss=f"{final.losses[-1]:.5f}")
+        bar.set_postfix(loss=f"{final.rel_losses[-1]:.5f}", refresh=False)
     bar.close()
     if final is None:  # zero iterations asked for
         final = lrm_solver.lrm_init_dask(X, config, n_classes=C, tr_const=matrix.tr_const)
@@ -347,7 +385,13 @@ def run_npeff_fit(
         )
         da.store(da.asarray(factor).astype(np.float32).rechunk(target.chunks), target, lock=False)
         writer.write("kept_columns", np.asarray(kept, dtype=np.int64))
-        writer.write("loss", np.asarray(state.losses, dtype=np.float64))
+        # Both kinds: the relative data loss (LRM: √(Σ‖F_i − Σ_j W_ij g_j g_jᵀ‖² / Σ‖F_i‖²));
+        # the LRM objective (with the orthogonality penalty) is kept beside it.
+        writer.write(
+            "loss", np.asarray(state.losses if kind == "diag" else state.rel_losses, np.float64)
+        )
+        if kind == "lowrank":
+            writer.write("objective", np.asarray(state.losses, dtype=np.float64))
         writer.write(
             "seconds", np.asarray([0.0, *state.seconds], dtype=np.float64)[: len(state.losses)]
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -274,7 +275,10 @@ class LrmConfig:
 
     Attributes:
         n_components: ``r``.
-        n_iters_g_only: G-only steps with W frozen at its init (first phase).
+        n_iters_g_only: G-only steps with W frozen at its random init (first phase). Default
+            20: started jointly from a random G, which explains almost none of the data, the
+            first MU step drives W to ≈ 0, where the G gradient (∝ W) vanishes and the fit
+            stalls at the trivial solution (relative loss 1).
         n_iters_joint: joint W (MU) + G (gradient) steps (second phase).
         learning_rate: G step size in the joint phase.
         learning_rate_g_only: G step size in the G-only phase (default: ``learning_rate``).
@@ -289,7 +293,7 @@ class LrmConfig:
     """
 
     n_components: int
-    n_iters_g_only: int = 0
+    n_iters_g_only: int = 20
     n_iters_joint: int = 100
     learning_rate: float = 1e-3
     learning_rate_g_only: float | None = None
@@ -303,7 +307,28 @@ class LrmConfig:
     tol: float = 0.0
 
     def __post_init__(self) -> None:
-        if int(self.n_components) < 1:
+        def number(name: str, kind: type, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if kind is numbers.Integral else "a number"
+                raise UserInputError(f"{name} must be {what}, got {value!r}")
+
+        for name in ("n_components", "n_iters_g_only", "n_iters_joint", "seed"):
+            number(name, numbers.Integral)
+        for name in ("learning_rate", "adam_eps", "ortho_strength", "mu_eps", "tol"):
+            number(name, numbers.Real)
+        for name in ("learning_rate_g_only", "ortho_scale"):
+            number(name, numbers.Real, optional=True)
+        betas = self.adam_betas
+        if (
+            not isinstance(betas, tuple | list)
+            or len(betas) != 2
+            or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas)
+        ):
+            raise UserInputError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+        if self.n_components < 1:
             raise UserInputError(f"n_components must be >= 1, got {self.n_components}")
         if self.n_iters_g_only < 0 or self.n_iters_joint < 0:
             raise UserInputError("n_iters_g_only and n_iters_joint must be >= 0")
