@@ -579,7 +579,7 @@ def npeff():
     "lrm_items",
     multiple=True,
     metavar="KEY=VALUE",
-    help="LRM-NPEFF option, e.g. --lrm learning_rate=1e-3 --lrm n_iters_g_only=50.",
+    help="LRM-NPEFF option, e.g. --lrm n_iters_g_only=50 --lrm optimizer=adam.",
 )
 @pass_settings
 def npeff_fit(

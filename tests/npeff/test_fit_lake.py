@@ -254,5 +254,5 @@ def test_lowrank_loss_is_the_true_relative_loss_and_divergence_is_an_error(pef_l
     np.testing.assert_allclose(ds["loss"].values[-1], np.sqrt(residual / total), rtol=1e-4)
     assert ds["objective"].shape == ds["loss"].shape
     np.testing.assert_allclose(ds["objective"].values[-1], residual, rtol=1e-3)
-    with pytest.raises(UserInputError, match="diverged at iteration .* lower the learning rate"):
+    with pytest.raises(UserInputError, match=r"diverged at iteration .* lower the learning rate"):
         run_npeff_fit(lake, low, **options, lrm_options={"learning_rate": 1e6})

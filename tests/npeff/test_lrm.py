@@ -140,7 +140,7 @@ def _match_abs_cos(G, g):
     return c[i, j].min()
 
 
-@pytest.mark.parametrize(("optimizer", "lr"), [("gd", 2e-3), ("adam", 3e-2)])
+@pytest.mark.parametrize(("optimizer", "lr"), [("gd", 0.3), ("adam", 3e-2)])
 def test_planted_recovery(optimizer, lr):
     a, g = _planted()
     pm = preprocess_lrm_pefs(a)
@@ -249,11 +249,11 @@ def test_g_only_phase_keeps_w():
 def test_expansion_freezes_old_components_then_trains_all():
     a, _ = _planted(r=3)
     pm = preprocess_lrm_pefs(a)
-    base = fit_lrm(pm, LrmConfig(2, n_iters_g_only=10, n_iters_joint=100, learning_rate=2e-3))
+    base = fit_lrm(pm, LrmConfig(2, n_iters_g_only=10, n_iters_joint=100, learning_rate=0.3))
     exp = expand_lrm(pm, base, 1, seed=9)
     assert exp.G.shape[0] == 3 and exp.W.shape[1] == 3
     np.testing.assert_array_equal(exp.G[:2], base.G)
-    cfg = LrmConfig(3, learning_rate=2e-3)
+    cfg = LrmConfig(3, learning_rate=0.3)
     staged = []
     out = fit_lrm_expansion(
         pm,

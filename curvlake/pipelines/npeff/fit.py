@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import dask
@@ -246,7 +247,9 @@ def _lrm_matrix(pefs, block_size: int) -> lrm_solver.LrmPefMatrix:
 
 def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, progress: bool):
     matrix = _lrm_matrix(pefs, block_size)
-    X = matrix.to_dask()
+    with warnings.catch_warnings():  # X is in memory here: sent to the workers once, not per pass
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        X = matrix.to_dask().persist()
     C = matrix.n_classes
     state_group = writer.group.require_group(WORK).require_group("lrm_state")
     state = None

@@ -280,7 +280,11 @@ class LrmConfig:
             first MU step drives W to ≈ 0, where the G gradient (∝ W) vanishes and the fit
             stalls at the trivial solution (relative loss 1).
         n_iters_joint: joint W (MU) + G (gradient) steps (second phase).
-        learning_rate: G step size in the joint phase.
+        learning_rate: G step size in the joint phase. ``gd``: the step on the loss averaged
+            over the n examples, ``G ← G − (learning_rate / n) ∇_G`` with ``∇_G`` the gradient
+            of the summed loss above, so that one value suits any n (the reference's
+            ``--learning_rate_G`` steps on the sum: it is ``learning_rate / n``); default 0.3.
+            ``adam``: Adam's step size; default 1e-3.
         learning_rate_g_only: G step size in the G-only phase (default: ``learning_rate``).
         optimizer: ``"gd"`` (reference) or ``"adam"``.
         adam_betas, adam_eps: Adam's moment decays and denominator offset.
@@ -295,7 +299,7 @@ class LrmConfig:
     n_components: int
     n_iters_g_only: int = 20
     n_iters_joint: int = 100
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
     learning_rate_g_only: float | None = None
     optimizer: Optimizer = "gd"
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -315,6 +319,8 @@ class LrmConfig:
                 what = "an integer" if kind is numbers.Integral else "a number"
                 raise UserInputError(f"{name} must be {what}, got {value!r}")
 
+        if self.learning_rate is None:  # frozen dataclass: resolve the default in place
+            object.__setattr__(self, "learning_rate", 0.3 if self.optimizer == "gd" else 1e-3)
         for name in ("n_components", "n_iters_g_only", "n_iters_joint", "seed"):
             number(name, numbers.Integral)
         for name in ("learning_rate", "adam_eps", "ortho_strength", "mu_eps", "tol"):
@@ -665,9 +671,12 @@ def _advance(state, W, G, m, v, AG, S, config, update_w, seconds) -> LrmState:
 
 
 def _task_kwargs(state: LrmState, config: LrmConfig, lr: float, mask) -> dict[str, Any]:
+    # Plain GD steps on the mean over the n examples: G ← G − (lr / n) ∇_G (Adam's steps do not
+    # depend on the gradient's scale).
+    n = state.W.shape[0]
     return {
         "C": state.n_classes,
-        "lr": lr,
+        "lr": lr / n if config.optimizer == "gd" else lr,
         "optimizer": config.optimizer,
         "adam_t": state.adam_t + 1,
         "betas": tuple(config.adam_betas),
