@@ -152,8 +152,9 @@ def current_client():
 def memory_budget() -> int:
     """Bytes of memory the computation may use: the workers' total ``memory_limit``.
 
-    With no client (``sync``) it is this machine's available memory; a worker without a limit
-    counts its host's total memory.
+    With no client (``sync``) it is this machine's available memory. Workers without a limit
+    share their host's memory: each such host counts once, with this machine's total (the
+    scheduler does not report a remote host's size).
     """
     import psutil
 
@@ -161,7 +162,9 @@ def memory_budget() -> int:
     if client is None:
         return int(psutil.virtual_memory().available)
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return int(sum(w.get("memory_limit") or psutil.virtual_memory().total for w in workers))
+    limited = sum(w.get("memory_limit") or 0 for w in workers)
+    unlimited_hosts = {w.get("host") for w in workers if not w.get("memory_limit")}
+    return int(limited + len(unlimited_hosts) * psutil.virtual_memory().total)
 
 
 def run_tasks(

@@ -66,6 +66,10 @@ def test_memory_budget_is_the_workers_total_limit():
         cluster="local", n_workers=2, threads_per_worker=1, processes=False, memory_limit="300MB"
     ):
         assert memory_budget() == 2 * 300_000_000
+    with client_session(
+        cluster="local", n_workers=2, threads_per_worker=1, processes=False, memory_limit=0
+    ):  # two unlimited workers on one host share it
+        assert memory_budget() == psutil.virtual_memory().total
 
 
 def test_progress_bar_redraws_rarely_in_logs(capsys):
