@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from curvlake.errors import UserInputError
+
 
 class _Loader(yaml.SafeLoader):
     pass
@@ -28,5 +30,15 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 floats."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+    """``yaml.safe_load`` with YAML 1.2 floats.
+
+    Raises:
+        UserInputError: the text is not valid YAML (the message gives line and column).
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserInputError(f"not valid YAML{where}: {problem}") from None

@@ -1,7 +1,7 @@
 """Checkpoints <-> torch: flat parameter vectors, layer tables, buffers and optimizer state.
 
-A checkpoint is stored as ``theta`` — every parameter of ``model.named_parameters()``
-flattened and concatenated, in float32 — plus, for models with buffers (BatchNorm running
+A checkpoint is stored as ``theta`` — the flat parameter vector of :mod:`curvlake.nn.params`,
+in the parameters' dtype — plus, for models with buffers (BatchNorm running
 statistics), ``buffers`` in float64 (exact for float32 statistics and integer counters alike),
 and the optimizer's per-parameter state flattened the same way. The layer table says where each
 tensor lives in the flat vector, so no 11M-entry index is ever needed.
@@ -10,100 +10,33 @@ tensor lives in the flat vector, so no 11M-entry index is ever needed.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from curvlake.errors import UserInputError
+from curvlake.nn.params import (
+    LayerTable,
+    assign_buffers,
+    assign_parameters,
+    buffer_table,
+    flatten_buffers,
+    flatten_parameters,
+    parameter_table,
+)
 
-
-@dataclass(frozen=True)
-class LayerTable:
-    """Where each named tensor lives in a flat vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...] = ()
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return np.array([int(np.prod(s, dtype=np.int64)) for s in self.shapes], dtype=np.int64)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-
-    @property
-    def total(self) -> int:
-        return int(self.sizes.sum())
-
-    def shape_strings(self) -> np.ndarray:
-        return np.array([",".join(map(str, s)) for s in self.shapes], dtype=object)
-
-    @classmethod
-    def from_strings(cls, names, shapes, dtypes=()) -> LayerTable:
-        parsed = tuple(tuple(int(v) for v in str(s).split(",") if v != "") for s in shapes)
-        return cls(tuple(str(n) for n in names), parsed, tuple(str(d) for d in dtypes))
-
-
-def parameter_table(model: torch.nn.Module) -> LayerTable:
-    """Layer table of ``model.named_parameters()``."""
-    named = list(model.named_parameters())
-    return LayerTable(
-        tuple(n for n, _ in named),
-        tuple(tuple(p.shape) for _, p in named),
-        tuple(str(p.dtype).removeprefix("torch.") for _, p in named),
-    )
-
-
-def buffer_table(model: torch.nn.Module) -> LayerTable:
-    """Layer table of ``model.named_buffers()`` (BatchNorm statistics and counters)."""
-    named = list(model.named_buffers())
-    return LayerTable(
-        tuple(n for n, _ in named),
-        tuple(tuple(b.shape) for _, b in named),
-        tuple(str(b.dtype).removeprefix("torch.") for _, b in named),
-    )
-
-
-def flatten_parameters(model: torch.nn.Module) -> np.ndarray:
-    """``theta``: all parameters, flattened and concatenated in float32."""
-    with torch.no_grad():
-        parts = [p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
-
-
-def flatten_buffers(model: torch.nn.Module) -> np.ndarray:
-    """All buffers, flattened and concatenated in float64."""
-    parts = [b.detach().reshape(-1).to("cpu", torch.float64) for b in model.buffers()]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float64)
-
-
-def _check_length(what: str, got: int, expected: int) -> None:
-    if got != expected:
-        raise UserInputError(f"{what} has {got} entries but the model needs {expected}")
-
-
-def assign_parameters(model: torch.nn.Module, theta: np.ndarray) -> None:
-    """Copy a flat float32 vector into the parameters of ``model`` (in place)."""
-    table = parameter_table(model)
-    _check_length("theta", int(np.asarray(theta).size), table.total)
-    flat = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))
-    with torch.no_grad():
-        for param, offset, size in zip(model.parameters(), table.offsets, table.sizes, strict=True):
-            chunk = flat[offset : offset + size].view(param.shape)
-            param.copy_(chunk.to(param.dtype))
-
-
-def assign_buffers(model: torch.nn.Module, values: np.ndarray) -> None:
-    """Copy flat float64 buffer values back into the buffers of ``model`` (in place)."""
-    table = buffer_table(model)
-    _check_length("buffers", int(np.asarray(values).size), table.total)
-    flat = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-    with torch.no_grad():
-        for buf, offset, size in zip(model.buffers(), table.offsets, table.sizes, strict=True):
-            buf.copy_(flat[offset : offset + size].view(buf.shape).to(buf.dtype))
+__all__ = [
+    "LayerTable",
+    "assign_buffers",
+    "assign_parameters",
+    "buffer_table",
+    "flatten_buffers",
+    "flatten_optimizer_state",
+    "flatten_parameters",
+    "load_model",
+    "parameter_table",
+    "restore_optimizer_state",
+]
 
 
 def optimizer_slots(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:

@@ -47,11 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlake.constants import DATASET_NAMES, STANDARDIZE_MODES
 from curvlake.errors import UserInputError
 from curvlake.nn import _formats
 
-DATASET_NAMES = ("digits", "mnist", "cifar10", "cifar100")
-STANDARDIZE_MODES = ("train", "published", "none")
 DATA_DIR_ENV = "CURVLAKE_DATA_DIR"
 
 DEFAULT_VAL_SIZES: dict[str, int | None] = {

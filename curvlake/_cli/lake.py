@@ -1,0 +1,105 @@
+"""``curvlake lake``: create, list, inspect, validate, clean the lake."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from curvlake._cli.common import CurvlakeGroup, Settings, pass_settings
+from curvlake.errors import CurvlakeError
+
+
+@click.group(cls=CurvlakeGroup)
+def lake():
+    """Create, list, inspect, validate and clean the lake."""
+
+
+@lake.command("init")
+@pass_settings
+def lake_init(settings: Settings):
+    """Create an empty lake at --lake (nothing happens if it already is a lake)."""
+    created = settings.lake(create=True)
+    click.echo(f"lake ready at {created.url}")
+
+
+@lake.command("ls")
+@click.option("--kind", help="Only artifacts of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@pass_settings
+def lake_ls(settings: Settings, kind, as_json):
+    """List the artifacts of the lake."""
+    infos = settings.lake().list(kind)
+    if as_json:
+        for info in infos:
+            click.echo(
+                json.dumps(
+                    {
+                        "id": info.id,
+                        "kind": info.kind,
+                        "status": info.status,
+                        "created_at": info.created_at,
+                        "inputs": info.inputs,
+                        "config": info.config,
+                    }
+                )
+            )
+        return
+    if not infos:
+        click.echo("the lake is empty" if kind is None else f"no {kind} artifacts")
+        return
+    rows = [
+        (i.id, i.status, i.created_at, ",".join(i.inputs) or "-", i.config_summary) for i in infos
+    ]
+    header = ("ID", "STATUS", "CREATED", "INPUTS", "CONFIG")
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(4)]
+    for row in [header, *rows]:
+        line = "  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths, strict=True))
+        click.echo(f"{line}  {row[4]}"[:200])
+
+
+@lake.command("show")
+@click.argument("artifact")
+@pass_settings
+def lake_show(settings: Settings, artifact):
+    """Print an artifact's catalog entry and its xarray structure."""
+    the_lake = settings.lake()
+    info = the_lake.info(artifact)
+    click.echo(f"{info.id}  kind={info.kind}  status={info.status}  created={info.created_at}")
+    click.echo(f"inputs: {', '.join(info.inputs) or '-'}")
+    click.echo("config: " + json.dumps(info.config, sort_keys=True))
+    if info.status == "complete":
+        click.echo(str(the_lake.open(artifact)))
+        click.echo(f'\nopen it with: xarray.open_zarr("{info.url}")')
+
+
+@lake.command("validate")
+@click.argument("artifact", required=False)
+@click.option("--no-chunks", is_flag=True, help="Check schemas only, do not read every chunk.")
+@pass_settings
+def lake_validate(settings: Settings, artifact, no_chunks):
+    """Check one artifact (or all complete ones) against its schema and checksums."""
+    the_lake = settings.lake()
+    ids = [artifact] if artifact else [i.id for i in the_lake.list() if i.status == "complete"]
+    failed = 0
+    for art in ids:
+        try:
+            the_lake.validate(art, check_chunks=not no_chunks)
+            click.echo(f"ok      {art}")
+        except CurvlakeError as error:
+            failed += 1
+            click.echo(f"FAILED  {error}")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(ids)} artifact(s) failed validation")
+
+
+@lake.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@pass_settings
+def lake_gc(settings: Settings, dry_run):
+    """Remove stale staging and partial files (never complete artifacts)."""
+    removed = settings.lake().gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path in removed:
+        click.echo(f"{verb} {path}")
+    click.echo(f"{verb} {len(removed)} item(s)")
