@@ -1,4 +1,4 @@
-"""``curvlake lake``: create, list, inspect, validate, clean the lake."""
+"""``curvlake lake``: create, list, inspect, validate, remove, clean the lake."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from curvlake.errors import CurvlakeError
 
 @click.group(cls=CurvlakeGroup)
 def lake():
-    """Create, list, inspect, validate and clean the lake."""
+    """Create, list, inspect, validate, remove and clean the lake."""
 
 
 @lake.command("init")
@@ -75,12 +75,19 @@ def lake_show(settings: Settings, artifact):
 
 @lake.command("validate")
 @click.argument("artifact", required=False)
-@click.option("--no-chunks", is_flag=True, help="Check schemas only, do not read every chunk.")
+@click.option(
+    "--no-chunks",
+    is_flag=True,
+    help="Check schemas and that every chunk is stored, without reading every chunk.",
+)
 @pass_settings
 def lake_validate(settings: Settings, artifact, no_chunks):
-    """Check one artifact (or all complete ones) against its schema and checksums."""
+    """Check one artifact (or all complete ones): schema, stored chunks and their checksums."""
     the_lake = settings.lake()
     ids = [artifact] if artifact else [i.id for i in the_lake.list() if i.status == "complete"]
+    if not ids:
+        click.echo("no complete artifacts to validate")
+        return
     failed = 0
     for art in ids:
         try:
@@ -91,6 +98,23 @@ def lake_validate(settings: Settings, artifact, no_chunks):
             click.echo(f"FAILED  {error}")
     if failed:
         raise click.ClickException(f"{failed} of {len(ids)} artifact(s) failed validation")
+
+
+@lake.command("rm")
+@click.argument("artifact")
+@click.option(
+    "--recursive", "-r", is_flag=True, help="Also remove every artifact computed from it."
+)
+@click.option("--yes", "-y", is_flag=True, help="Remove without asking for confirmation.")
+@pass_settings
+def lake_rm(settings: Settings, artifact, recursive, yes):
+    """Remove an artifact (complete or staged), e.g. a damaged one before recomputing it."""
+    the_lake = settings.lake()
+    doomed = the_lake.remove(artifact, recursive=recursive, dry_run=True)
+    if not yes:
+        click.confirm(f"remove {', '.join(doomed)}?", abort=True)
+    for removed in the_lake.remove(artifact, recursive=recursive):
+        click.echo(f"removed {removed}")
 
 
 @lake.command("gc")

@@ -41,9 +41,7 @@ def pefs():
 @click.option(
     "--k",
     type=click.IntRange(min=1),
-    default=4096,
-    show_default=True,
-    help="Entries kept per example (top-k storage).",
+    help="Entries kept per example with --storage topk (default 4096).",
 )
 @click.option(
     "--storage",

@@ -81,7 +81,8 @@ _CIFAR100_FILES = ("train", "test")
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: ``x`` float32 N x C x H x W, ``y`` int64 labels, ``sample_id`` int64."""
+    """One split: ``x`` float32 N x C x H x W (images) or N x D (tabular), ``y`` int64 labels,
+    ``sample_id`` int64."""
 
     x: np.ndarray
     y: np.ndarray
@@ -89,9 +90,10 @@ class Split:
 
     def __post_init__(self) -> None:
         n = len(self.x)
-        if self.x.ndim != 4 or self.y.shape != (n,) or self.sample_id.shape != (n,):
+        if self.x.ndim not in (2, 4) or self.y.shape != (n,) or self.sample_id.shape != (n,):
             raise UserInputError(
-                f"a split needs x of shape N x C x H x W and y, sample_id of shape (N,); got "
+                f"a split needs x of shape N x C x H x W or N x D and y, sample_id of shape "
+                f"(N,); got "
                 f"{self.x.shape}, {self.y.shape}, {self.sample_id.shape}"
             )
 
@@ -112,7 +114,7 @@ class Splits:
     val: Split
     test: Split
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     mean: np.ndarray
     std: np.ndarray
     standardize: str = "train"
@@ -205,8 +207,8 @@ def from_arrays(
 ) -> Splits:
     """Build ``Splits`` from user arrays.
 
-    ``x`` is N x C x H x W (channels first), N x H x W (one channel) or N x D (D features, stored
-    as D x 1 x 1 so standardisation is per feature). Integer ``x`` is divided by 255; float ``x``
+    ``x`` is N x C x H x W (channels first), N x H x W (one channel) or N x D (D tabular
+    features; standardisation is then per feature). Integer ``x`` is divided by 255; float ``x``
     is used as is. Without ``x_test``, test (default 20%) and val (default 20%) are carved from
     ``x`` with ``split_seed``; with it, only val is carved from ``x`` and the test split is
     ``x_test``. ``sample_id`` indexes ``x`` (``x_test`` for the given test split).
@@ -378,17 +380,18 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
 
 def _as_images(x: Any, what: str) -> np.ndarray:
     x = np.asarray(x)
-    if x.ndim == 2:
-        x = x[:, :, None, None]
-    elif x.ndim == 3:
+    if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim != 4:
+    elif x.ndim not in (2, 4):
         raise UserInputError(
             f"{what} must be N x C x H x W, N x H x W or N x D, got shape {x.shape}"
         )
     if np.issubdtype(x.dtype, np.integer):
         return _to_unit(x)
     if np.issubdtype(x.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise UserInputError(f"{what} has {bad} NaN or infinite value(s)")
         return np.ascontiguousarray(x, dtype=np.float32)
     raise UserInputError(f"{what} must hold numbers, got dtype {x.dtype}")
 
@@ -406,20 +409,26 @@ def _as_labels(y: Any, n: int, what: str) -> np.ndarray:
     return y
 
 
+def per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
+    """``values`` (one per channel, or per feature of tabular data) shaped to broadcast against
+    a batch of ``ndim`` dimensions (``(1, C, 1, 1)`` for images, ``(1, D)`` for tables)."""
+    return np.asarray(values).reshape(1, -1, *([1] * (ndim - 2)))
+
+
 def _channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and population std in float64, chunked to bound memory."""
-    c = x.shape[1]
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    """Per-channel (per-feature for tables) mean and population std in float64, chunked."""
+    axes = (0, *range(2, x.ndim))
+    count = x.shape[0] * int(np.prod(x.shape[2:], dtype=np.int64))
     if count == 0:
         raise UserInputError("cannot standardise with an empty train split")
-    total = np.zeros(c)
+    total = np.zeros(x.shape[1])
     for start in range(0, len(x), chunk):
-        total += x[start : start + chunk].sum(axis=(0, 2, 3), dtype=np.float64)
+        total += x[start : start + chunk].sum(axis=axes, dtype=np.float64)
     mean = total / count
-    sq = np.zeros(c)
+    sq = np.zeros(x.shape[1])
     for start in range(0, len(x), chunk):
-        d = x[start : start + chunk].astype(np.float64) - mean[None, :, None, None]
-        sq += np.einsum("nchw,nchw->c", d, d)
+        d = x[start : start + chunk].astype(np.float64) - per_channel(mean, x.ndim)
+        sq += np.square(d).sum(axis=axes)
     return mean, np.sqrt(sq / count)
 
 
@@ -439,8 +448,8 @@ def _finish(
         mean, std = (np.asarray(v, dtype=np.float64) for v in PUBLISHED_STATS[name])
     else:
         mean, std = np.zeros(channels), np.ones(channels)
-    shift = mean.astype(np.float32)[None, :, None, None]
-    scale = std.astype(np.float32)[None, :, None, None]
+    shift = per_channel(mean.astype(np.float32), x_train.ndim)
+    scale = per_channel(std.astype(np.float32), x_train.ndim)
     splits = []
     for x, y, ids in parts:
         if mode != "none":

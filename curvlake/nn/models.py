@@ -1,6 +1,7 @@
 """Model zoo: the networks of the seed papers, built for any input shape.
 
-Every model maps a float32 batch ``N x C x H x W`` to logits ``N x num_classes``.
+Every model maps a float32 batch ``N x C x H x W`` (``mlp`` also ``N x D`` tabular inputs) to
+logits ``N x num_classes``.
 ``build_model(name, num_classes=..., input_shape=..., **params)`` builds one;
 ``model_params(name)`` lists the accepted keyword parameters and their defaults.
 
@@ -191,23 +192,29 @@ def resolve_model_params(name: str, params: Mapping[str, Any] | None = None) -> 
     return resolved
 
 
-def _check_shape(num_classes: Any, input_shape: Any) -> tuple[int, int, int]:
+def _check_shape(name: str, num_classes: Any, input_shape: Any) -> tuple[int, ...]:
     if not _is_pos_int(num_classes):
         raise UserInputError(f"num_classes must be a positive int, got {num_classes!r}")
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
-    if len(shape) != 3 or not all(
+    if len(shape) not in (1, 3) or not all(
         isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in shape
     ):
         raise UserInputError(
-            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}"
+            f"input_shape must be (channels, height, width) or (features,) of positive ints, "
+            f"got {input_shape!r}"
         )
-    return int(shape[0]), int(shape[1]), int(shape[2])
+    if len(shape) == 1 and name != "mlp":
+        raise UserInputError(
+            f"model {name!r} needs image inputs (channels, height, width), got input_shape "
+            f"{list(shape)}; tabular inputs (features,) go with model 'mlp'"
+        )
+    return tuple(int(s) for s in shape)
 
 
 def build_model(
     name: str, *, num_classes: int, input_shape: Sequence[int], **params: Any
 ) -> nn.Module:
-    """Build model ``name`` for inputs of shape ``input_shape`` = (C, H, W).
+    """Build model ``name`` for inputs of shape ``input_shape`` = (C, H, W), or (D,) for ``mlp``.
 
     Parameters are drawn from torch's global RNG (seed it, or use
     ``curvlake.nn.training.make_model`` which seeds it from the config).
@@ -216,7 +223,7 @@ def build_model(
         UserInputError: an unknown model or parameter, a bad value, or a bad shape.
     """
     resolved = resolve_model_params(name, params)
-    shape = _check_shape(num_classes, input_shape)
+    shape = _check_shape(name, num_classes, input_shape)
     return _BUILDERS[name](num_classes, shape, **resolved)
 
 
@@ -313,7 +320,7 @@ def _mlp_layers(in_features: int, widths: Sequence[int], num_classes: int, act: 
     return layers
 
 
-def _build_mlp(num_classes: int, shape: tuple[int, int, int], *, widths, activation) -> nn.Module:
+def _build_mlp(num_classes: int, shape: tuple[int, ...], *, widths, activation) -> nn.Module:
     return nn.Sequential(
         OrderedDict(_mlp_layers(math.prod(shape), widths, num_classes, activation))
     )

@@ -72,13 +72,8 @@ def import_dataset(
     path = Path(path)
     labels = Path(labels) if labels is not None else None
     arrays = _read_user_arrays(path, labels)
-    for key in ("x", "x_test"):
-        values = arrays.get(key)
-        if values is not None and np.issubdtype(values.dtype, np.floating):
-            bad = int(np.count_nonzero(~np.isfinite(values)))
-            if bad:
-                raise UserInputError(f"{path}: {key} has {bad} NaN or infinite value(s)")
-    # from_arrays validates shapes, labels and num_classes and converts inputs like every loader.
+    # from_arrays validates shapes, values, labels and num_classes and converts inputs like
+    # every loader.
     checked = from_arrays(
         **arrays,
         num_classes=num_classes,

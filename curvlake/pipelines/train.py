@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from curvlake.engine import current_client, run_tasks
+from curvlake.errors import UserInputError
 from curvlake.lake import ArtifactWriter, Lake, open_lake
 from curvlake.lake.checkpoints import (
     LayerTable,
@@ -31,6 +33,7 @@ from curvlake.lake.checkpoints import (
     restore_optimizer_state,
 )
 from curvlake.nn.datasets import Splits
+from curvlake.nn.params import table_arrays
 from curvlake.nn.training import (
     TrainConfig,
     checkpoint_epochs,
@@ -55,13 +58,53 @@ METRICS = (
 )
 
 
+#: Options of a run that say which data it is analysed on (trained and imported runs alike).
+DATA_KEYS = (
+    "dataset",
+    "data_dir",
+    "split_seed",
+    "val_size",
+    "standardize",
+    "label_noise",
+    "label_seed",
+)
+#: Entries of a run's stored config beyond its TrainConfig: the content hash of a data file.
+DATA_HASH = "dataset_sha256"
+
+
 def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
-    """A validated ``TrainConfig`` from a config or a mapping of options."""
-    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    """A validated ``TrainConfig`` from a config or a mapping of options (a run's stored config
+    too: its data hash is not a training option)."""
+    if isinstance(config, TrainConfig):
+        return config
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k != DATA_HASH})
 
 
-def training_data(lake: Lake, config: TrainConfig) -> tuple[Splits, np.ndarray, list[str]]:
-    """Splits with label noise applied, clean train labels, and the input artifact ids."""
+def stored_run_config(config: TrainConfig) -> dict[str, Any]:
+    """The config a run is identified by: the training options, plus the sha256 of the data
+    file when the dataset is an ``.npz`` path (so changed contents give a new run id)."""
+    options = config.to_dict()
+    if config.dataset.endswith(".npz"):
+        options[DATA_HASH] = _data_file_sha256(config.dataset)
+    return options
+
+
+def _data_file_sha256(path: str) -> str:
+    from curvlake.pipelines.data import file_sha256
+
+    if not Path(path).is_file():
+        raise UserInputError(f"dataset file {path} does not exist")
+    return file_sha256(Path(path))
+
+
+def training_data(
+    lake: Lake, config: TrainConfig, data_sha256: str | None = None
+) -> tuple[Splits, np.ndarray, list[str]]:
+    """Splits with label noise applied, clean train labels, and the input artifact ids.
+
+    ``data_sha256``: the content hash a run recorded for its ``.npz`` dataset; a file whose
+    contents changed since is refused, never read as the run's data.
+    """
     if is_dataset_id(config.dataset):
         splits = load_dataset_artifact(
             lake,
@@ -71,31 +114,37 @@ def training_data(lake: Lake, config: TrainConfig) -> tuple[Splits, np.ndarray, 
             standardize=config.standardize,
         )
         return with_label_noise(splits, config), splits.train.y, [config.dataset]
+    if data_sha256 is not None and _data_file_sha256(config.dataset) != data_sha256:
+        raise UserInputError(
+            f"dataset file {config.dataset} has changed since the run was made (its sha256 is "
+            f"not the recorded {data_sha256[:12]}...); restore the file, or train a new run on "
+            "the new contents"
+        )
     splits, clean = load_training_data(config)
     return splits, clean, []
 
 
+def run_data(lake: Lake, config: Mapping[str, Any]) -> Splits:
+    """The splits a run (trained or imported) is analysed on, from its stored config."""
+    options = {k: config[k] for k in DATA_KEYS if k in config}
+    splits, _, _ = training_data(lake, as_train_config(options), config.get(DATA_HASH))
+    return splits
+
+
 @functools.lru_cache(maxsize=4)
 def cached_run_splits(lake_url: str, run_id: str) -> Splits:
-    """The data splits a run was trained on (noisy train labels), cached per process.
+    """The data splits of a run (noisy train labels), cached per process.
 
     Tasks of every pipeline read their example blocks from here, so a worker loads a dataset
     once.
     """
     lake = open_lake(lake_url)
-    splits, _, _ = training_data(lake, as_train_config(lake.info(run_id).config))
-    return splits
+    return run_data(lake, lake.info(run_id).config)
 
 
 def model_tables(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The layer table (and buffer table, when the model has buffers) of a run, by array name."""
-    table = parameter_table(model)
-    arrays = {
-        "layer": np.array(table.names, dtype=object),
-        "layer_offset": table.offsets,
-        "layer_size": table.sizes,
-        "layer_shape": table.shape_strings(),
-    }
+    arrays = table_arrays(parameter_table(model))
     buffers = buffer_table(model)
     if buffers.names:
         arrays["buffer"] = np.array(buffers.names, dtype=object)
@@ -114,8 +163,9 @@ def run_train(
     """
     lake = open_lake(lake) if isinstance(lake, str) else lake
     config = as_train_config(config)
-    splits, clean_labels, inputs = training_data(lake, config)
-    writer = lake.begin("run", config.to_dict(), inputs)
+    stored = stored_run_config(config)
+    splits, clean_labels, inputs = training_data(lake, config, stored.get(DATA_HASH))
+    writer = lake.begin("run", stored, inputs)
     if writer.complete:
         return writer.id
     with writer:

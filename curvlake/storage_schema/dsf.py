@@ -14,12 +14,19 @@ def _example():
 
 SPEC = ArtifactSpec(
     kind="dsf",
-    version="1.0",
+    version="1.1",
     description=(
         "Mean over examples of the diagonal Fisher: `expectation` = mean D-PEF, `sampling` = "
         "mean of (grad log p_y)^2 with y drawn from the model. Not normalized."
     ),
-    arrays=(ArraySpec("fisher", ("param",), "float32", "diagonal Fisher"),),
+    arrays=(
+        ArraySpec(
+            "fisher",
+            ("param",),
+            "float",
+            "diagonal Fisher (float32, or float64 with --dtype float64)",
+        ),
+    ),
     attrs=(
         AttrSpec("mode", "expectation or sampling"),
         AttrSpec("n_examples", "number of examples averaged"),

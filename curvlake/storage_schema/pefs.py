@@ -22,14 +22,15 @@ def _example():
 
 SPEC = ArtifactSpec(
     kind="pefs",
-    version="1.0",
+    version="1.1",
     description=(
         "Per-example Fishers of one checkpoint. `storage=topk`: the k largest entries per example "
         "(`values`, `indices` into the flat parameter vector, sorted by index; for low-rank PEFs "
         "`class_index` says which column of A each value belongs to) and the norm of the "
         "dense PEF. "
         "`storage=dense`: `dense` is the full (example, param) D-PEF matrix; "
-        "`storage=dense_factors`: `factors` holds the low-rank factors (small models)."
+        "`storage=dense_factors`: `factors` holds the low-rank factors (small models). Floats "
+        "are float32, or float64 when computed with `--dtype float64`."
     ),
     arrays=(
         ArraySpec("values", ("example", "k"), "float", "stored PEF entries", variants=("topk",)),
@@ -57,7 +58,7 @@ SPEC = ArtifactSpec(
         ArraySpec(
             "dense_norm",
             ("example",),
-            "float32",
+            "float",
             "Frobenius norm of the full dense PEF",
             chunking=whole_array,
         ),
@@ -69,7 +70,7 @@ SPEC = ArtifactSpec(
             required=False,
             chunking=whole_array,
         ),
-        ArraySpec("logits", ("example", "class"), "float32", "model logits"),
+        ArraySpec("logits", ("example", "class"), "float", "model logits"),
         ArraySpec("label", ("example",), "int64", "label", role="coord", chunking=whole_array),
         ArraySpec(
             "sample_id",

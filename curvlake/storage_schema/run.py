@@ -49,20 +49,23 @@ def _metric(name: str, what: str) -> ArraySpec:
 
 SPEC = ArtifactSpec(
     kind="run",
-    version="1.0",
+    version="1.1",
     description=(
-        "A training run. `theta[c]` is the flat float32 parameter vector of checkpoint `c` "
-        "(parameters concatenated in `model.named_parameters()` order, as described by the layer "
-        "table); `opt_state[c]` the optimizer's per-parameter state at that checkpoint, so a run "
-        "resumes from any checkpoint bit-exactly. Metrics are per epoch; epoch 0 is the "
-        "initial model (its train metrics are NaN since no training happened). The full "
+        "A training run (or a model imported from elsewhere, with its data). `theta[c]` is the "
+        "flat parameter vector of checkpoint `c` in the parameters' dtype (float32, or float64 "
+        "for a float64 model): every tensor of `model.named_parameters()` (frozen ones too) "
+        "flattened and concatenated in that order, as described by the layer table "
+        "(`curvlake.nn.params`); `opt_state[c]` the optimizer's per-parameter state at that "
+        "checkpoint, so a run resumes from any checkpoint bit-exactly. Metrics are per epoch; "
+        "epoch 0 is the initial model (its train metrics are NaN since no training happened). "
+        "The full "
         "training config is in the provenance."
     ),
     arrays=(
         ArraySpec(
             "theta",
             ("checkpoint", "param"),
-            "float32",
+            "float",
             "flat parameters, one chunk row per checkpoint",
             chunking=one_row_per_chunk,
         ),

@@ -172,7 +172,7 @@ def test_from_arrays_shapes_and_splits():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((50, 6)), rng.integers(0, 3, 50)
     s = from_arrays(x, y, split_seed=2)
-    assert s.input_shape == (6, 1, 1) and s.num_classes == 3
+    assert s.input_shape == (6,) and s.num_classes == 3
     assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 10)
     # per-feature standardisation
     np.testing.assert_allclose(s.train.x.mean(axis=0).ravel(), 0.0, atol=1e-5)

@@ -9,64 +9,28 @@ killed computation, rerun, computes only the missing tasks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-from curvlake.engine import run_tasks, torch_device
+from curvlake.constants import INPUT_SPACES, NORM_METHODS, NORMALIZATIONS, STATS_METRICS
+from curvlake.engine import run_tasks
 from curvlake.errors import UserInputError
-from curvlake.lake import Lake, open_lake
-from curvlake.lake.checkpoints import cached_model
-from curvlake.pipelines.jacobian_stats.metrics import (
-    JACOBIAN_METRICS,
-    METHODS,
-    METRICS,
-    NORMALIZATIONS,
-    compute_metric,
+from curvlake.lake import Lake
+from curvlake.nn.datasets import per_channel
+from curvlake.pipelines.jacobian_stats.metrics import JACOBIAN_METRICS, compute_metric
+from curvlake.pipelines.skeleton import (
+    DTYPE,
+    POSITIVE_INT,
+    SEED,
+    SPLIT,
+    as_lake,
+    block_slices,
+    load_block,
+    resolve_run,
 )
-from curvlake.pipelines.train import as_train_config, cached_run_splits
-
-INPUT_SPACES = ("standardized", "raw")
-SPLITS = ("train", "val", "test")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise UserInputError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
-
-
-def _run_config(lake: Lake, run_id: str):
-    info = lake.info(run_id)
-    if info.kind != "run":
-        raise UserInputError(
-            f"{run_id} is a {info.kind} artifact; give run ids (curvlake lake ls --kind run)"
-        )
-    if "imported_from" in info.config:
-        raise UserInputError(
-            f"{run_id} was imported without its training data; statistics need "
-            "a run trained in the lake"
-        )
-    return as_train_config(info.config)
-
-
-def select_checkpoints(n_checkpoints: int, checkpoints: str | Sequence[int], run_id: str):
-    """Checkpoint indices: ``"all"`` or a list of indices (negative counts from the end)."""
-    if isinstance(checkpoints, str):
-        if checkpoints != "all":
-            raise UserInputError(
-                f"checkpoints must be 'all' or a list of indices, got {checkpoints!r}"
-            )
-        return list(range(n_checkpoints))
-    selected = []
-    for c in checkpoints:
-        if not -n_checkpoints <= int(c) < n_checkpoints:
-            raise UserInputError(f"run {run_id} has checkpoints 0..{n_checkpoints - 1}; got {c}")
-        selected.append(int(c) % n_checkpoints)
-    if len(set(selected)) != len(selected):
-        raise UserInputError(f"checkpoint list {list(checkpoints)} names a checkpoint twice")
-    return selected
+from curvlake.pipelines.train import cached_run_splits
+from curvlake.validation import Interval, Options, check, refuse_unused, validate_params
 
 
 def _stats_task(
@@ -75,30 +39,26 @@ def _stats_task(
     run_index: int,
     checkpoint: int,
     checkpoint_index: int,
-    block: int,
-    block_size: int,
+    rows: slice,
     outputs: dict,
     done,
     task_index: int,
     options: dict,
 ) -> int:
-    device = torch_device()
-    splits = cached_run_splits(lake_url, run_id)
-    split = splits.split(options["split"])
-    rows = slice(block * block_size, min((block + 1) * block_size, len(split)))
-    dtype = DTYPES[options["dtype"]]
-    x = torch.as_tensor(split.x[rows], dtype=dtype, device=device)
-    y = torch.as_tensor(split.y[rows], device=device)
+    data = load_block(lake_url, run_id, checkpoint, options["split"], rows, options["dtype"])
+    model, x, y = data.model, data.x, data.y
     transform = None
     if options["input_space"] == "raw":
-        mean = torch.as_tensor(splits.mean, dtype=dtype, device=device).view(1, -1, 1, 1)
-        std = torch.as_tensor(splits.std, dtype=dtype, device=device).view(1, -1, 1, 1)
+        splits = cached_run_splits(lake_url, run_id)
+        mean, std = (
+            torch.as_tensor(per_channel(v, x.ndim), dtype=x.dtype, device=x.device)
+            for v in (splits.mean, splits.std)
+        )
         x = x * std + mean
 
         def transform(raw, mean=mean, std=std):
             return (raw - mean) / std
 
-    model = cached_model(lake_url, run_id, checkpoint, options["dtype"], device)
     for metric in options["metrics"]:
         jacobian = metric in JACOBIAN_METRICS
         values = compute_metric(
@@ -112,7 +72,7 @@ def _stats_task(
             rtol=options["rtol"],
             max_iter=options["max_iter"],
             seed=options["seed"],
-            sample_ids=torch.as_tensor(split.sample_id[rows]),
+            sample_ids=torch.as_tensor(data.sample_id),
             input_transform=transform,
         )
         outputs[metric][run_index, checkpoint_index, rows] = values.detach().cpu().numpy()
@@ -120,6 +80,19 @@ def _stats_task(
     return task_index
 
 
+@validate_params(
+    {
+        "split": SPLIT,
+        "normalization": [Options(*NORMALIZATIONS)],
+        "input_space": [Options(*INPUT_SPACES)],
+        "method": [Options(*NORM_METHODS)],
+        "rtol": [Interval(float, 0, 1, closed="neither")],
+        "max_iter": POSITIVE_INT,
+        "seed": SEED,
+        "dtype": DTYPE,
+        "block_size": POSITIVE_INT,
+    }
+)
 def run_stats(
     lake: Lake | str,
     runs: Sequence[str],
@@ -143,7 +116,7 @@ def run_stats(
     Args:
         lake: the lake (or its URL).
         runs: run artifact ids (one, or several, e.g. a width sweep on the same data).
-        metrics: statistics from ``METRICS``.
+        metrics: statistics from ``curvlake.constants.STATS_METRICS``.
         split: ``train`` (noisy labels, as trained), ``val`` or ``test``.
         checkpoints: ``"all"`` or checkpoint indices (the same for every run).
         normalization, target_only, method, rtol, max_iter, seed: see ``compute_metric``.
@@ -154,40 +127,39 @@ def run_stats(
     Returns:
         The ``jacobian_stats`` artifact id.
     """
-    lake = open_lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
     runs = list(runs)
     if not runs:
-        raise UserInputError("give at least one run id")
+        raise UserInputError("give at least one run id (--run RUN_ID, repeatable)")
     if len(set(runs)) != len(runs):
         raise UserInputError("a run id is given twice")
     metrics = list(metrics)
     if not metrics:
         raise UserInputError("give at least one metric")
     for metric in metrics:
-        _choice("metric", metric, METRICS)
-    _choice("split", split, SPLITS)
-    _choice("normalization", normalization, NORMALIZATIONS)
-    _choice("input_space", input_space, INPUT_SPACES)
-    _choice("method", method, METHODS)
-    _choice("dtype", dtype, tuple(DTYPES))
+        check("metric", metric, Options(*STATS_METRICS))
+    if not any(m in JACOBIAN_METRICS for m in metrics):
+        reason = "without a Jacobian metric (jacobian_frobenius, jacobian_operator)"
+        refuse_unused(
+            reason,
+            normalization=None if normalization == "none" else normalization,
+            target_only=target_only or None,
+            method=None if method == "exact" else method,
+        )
     if target_only and normalization == "crossentropy":
         raise UserInputError("target_only has no meaning with normalization='crossentropy'")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise UserInputError(f"block_size must be a positive integer, got {block_size!r}")
 
     selections, epochs, labels = [], [], []
     reference = None
     for run_id in runs:
-        _run_config(lake, run_id)
-        group = lake.group(run_id)
-        chosen = select_checkpoints(group["theta"].shape[0], checkpoints, run_id)
+        run = resolve_run(lake, run_id)
+        chosen = run.checkpoint_indices(checkpoints)
         selections.append(chosen)
-        epochs.append(np.asarray(group["checkpoint_epoch"][:])[chosen])
-        splits = cached_run_splits(lake.url, run_id)
-        part = splits.split(split)
+        epochs.append(np.asarray(run.checkpoint_epochs)[chosen])
+        part = run.split(split)
         labels.append(part.y)
         if reference is None:
-            reference = (part.sample_id, run_id, splits)
+            reference = (part.sample_id, run_id, run)
         elif not np.array_equal(reference[0], part.sample_id):
             raise UserInputError(
                 f"runs {reference[1]} and {run_id} do not have the same {split} "
@@ -197,12 +169,16 @@ def run_stats(
         raise UserInputError(
             "the runs have different numbers of checkpoints; pass explicit checkpoint indices"
         )
-    sample_id, _, splits = reference
+    sample_id, _, first = reference
     n, n_checkpoints = len(sample_id), len(selections[0])
-    if split == "train":
-        clean = np.asarray(lake.group(runs[0])["train_clean_label"][:])
-    else:
-        clean = splits.split(split).y
+    if n == 0:
+        raise UserInputError(f"the {split} split of run {first.run_id} has no examples")
+    block_slices(n, block_size)
+    group = lake.group(first.run_id)
+    if split == "train" and "train_clean_label" in group.array_keys():
+        clean = np.asarray(group["train_clean_label"][:])
+    else:  # val / test labels are clean; imported runs carry no label noise
+        clean = labels[0]
 
     options = {
         "metrics": metrics,
@@ -231,12 +207,12 @@ def run_stats(
         outputs = {
             m: writer.create_array(m, shape, dtype, chunks=(1, 1, block_size)) for m in metrics
         }
-        n_blocks = -(-n // block_size)
+        blocks = block_slices(n, block_size)
         tasks_meta = [
             (r, c, b)
             for r in range(len(runs))
             for c in range(n_checkpoints)
-            for b in range(n_blocks)
+            for b in range(len(blocks))
         ]
         done = writer.progress("tasks", len(tasks_meta))
         pending = set(done.pending())
@@ -247,8 +223,7 @@ def run_stats(
                 r,
                 selections[r][c],
                 c,
-                b,
-                block_size,
+                blocks[b],
                 outputs,
                 done.array,
                 t,

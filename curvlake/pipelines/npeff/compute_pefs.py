@@ -13,34 +13,27 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from curvlake.engine import run_tasks, torch_device
+from curvlake.constants import DSF_MODES, PEF_KINDS, PEF_STORAGES
+from curvlake.engine import run_tasks
 from curvlake.errors import UserInputError
-from curvlake.lake import Lake, open_lake
-from curvlake.lake.checkpoints import cached_model
-from curvlake.nn.datasets import Split
+from curvlake.lake import Lake
 from curvlake.pipelines.npeff import pefs as kernels
-from curvlake.pipelines.train import cached_run_splits
+from curvlake.pipelines.skeleton import (
+    DTYPE,
+    POSITIVE_INT,
+    SEED,
+    SPLIT,
+    as_lake,
+    block_slices,
+    load_block,
+    require_artifact,
+    resolve_run,
+)
+from curvlake.validation import Interval, IntList, Options, check, refuse_unused, validate_params
 
-PEF_KINDS = ("diag", "lowrank", "lvrm")
-STORAGES = ("topk", "dense")
-
-
-def _check_run(lake: Lake, run_id: str, split: str, checkpoint: int) -> Split:
-    info = lake.info(run_id)
-    if info.kind != "run":
-        raise UserInputError(f"{run_id} is a {info.kind} artifact, not a run")
-    if "imported_from" in info.config:
-        raise UserInputError(
-            f"{run_id} was imported without its data; PEFs need a run trained in the lake"
-        )
-    if split not in ("train", "val", "test"):
-        raise UserInputError(f"split={split!r} is not one of: train, val, test")
-    n_checkpoints = lake.group(run_id)["theta"].shape[0]
-    if not -n_checkpoints <= checkpoint < n_checkpoints:
-        raise UserInputError(
-            f"run {run_id} has checkpoints 0..{n_checkpoints - 1}; got {checkpoint}"
-        )
-    return cached_run_splits(lake.url, run_id).split(split)
+_PROB = [None, Interval(float, 0, 1)]
+#: Entries kept per example with top-k storage, when ``k`` is not given.
+DEFAULT_TOP_K = 4096
 
 
 def _pef_block(
@@ -51,13 +44,12 @@ def _pef_block(
     rows: slice,
     outputs: dict,
     done,
-    block: int,
+    block_index: int,
     options: dict,
 ) -> int:
-    model = cached_model(lake_url, run_id, checkpoint)
-    x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
-    device = torch_device()
-    common = {"dtype": torch.float32, "device": device}
+    block = load_block(lake_url, run_id, checkpoint, split, rows, options["dtype"])
+    model, x = block.model, block.x
+    common = {"dtype": getattr(torch, options["dtype"]), "device": block.device}
     kind, k = options["pef_kind"], options["k"]
     outputs["logits"][rows] = kernels.predict_logits(model, x, **common).cpu().numpy()
     if kind == "diag":
@@ -88,10 +80,24 @@ def _pef_block(
             outputs["indices"][rows] = indices.cpu().numpy()
             outputs["class_index"][rows] = class_index.cpu().numpy()
     outputs["dense_norm"][rows] = norm.cpu().numpy()
-    done[block] = 1
-    return block
+    done[block_index] = 1
+    return block_index
 
 
+@validate_params(
+    {
+        "split": SPLIT,
+        "n_examples": [None, *POSITIVE_INT],
+        "pef_kind": [Options(*PEF_KINDS)],
+        "k": [None, *POSITIVE_INT],
+        "storage": [Options(*PEF_STORAGES)],
+        "min_prob": _PROB,
+        "top_k_classes": [None, *POSITIVE_INT],
+        "max_classes": [None, *POSITIVE_INT],
+        "block_size": POSITIVE_INT,
+        "dtype": DTYPE,
+    }
+)
 def run_pefs(
     lake: Lake | str,
     run_id: str,
@@ -100,12 +106,13 @@ def run_pefs(
     split: str = "train",
     n_examples: int | None = None,
     pef_kind: str = "diag",
-    k: int | None = 4096,
+    k: int | None = None,
     storage: str = "topk",
     min_prob: float | None = None,
     top_k_classes: int | None = None,
     max_classes: int | None = None,
     block_size: int = 256,
+    dtype: str = "float32",
     progress: bool = True,
 ) -> str:
     """Per-example Fishers of a run's checkpoint on the first ``n_examples`` of a split.
@@ -117,48 +124,53 @@ def run_pefs(
         split: train (labels as trained), val or test.
         n_examples: how many examples (default: the whole split).
         pef_kind: ``diag`` (D-PEF), ``lowrank`` (LRM-PEF) or ``lvrm`` (variable rank).
-        k: entries kept per example (``storage=topk``; clipped to the number of entries).
+        k: entries kept per example (``storage=topk``, default ``DEFAULT_TOP_K``; clipped to
+            the number of entries); refused with ``storage=dense``.
         storage: ``topk`` (sparse) or ``dense`` (small models).
         min_prob: diag: drop classes with p < min_prob; lvrm: keep classes with p >= min_prob.
         top_k_classes: lowrank: keep the classes of the largest logits.
         max_classes: lvrm: at most this many classes per example.
         block_size: examples per task and per stored chunk row.
+        dtype: ``float32`` or ``float64`` computation and storage.
 
     Returns:
         The ``pefs`` artifact id.
     """
-    lake = open_lake(lake) if isinstance(lake, str) else lake
-    data = _check_run(lake, run_id, split, checkpoint)
-    checkpoint %= lake.group(run_id)["theta"].shape[0]
-    if pef_kind not in PEF_KINDS:
-        raise UserInputError(f"kind={pef_kind!r} is not one of: {', '.join(PEF_KINDS)}")
-    if storage not in STORAGES:
-        raise UserInputError(f"storage={storage!r} is not one of: {', '.join(STORAGES)}")
-    if pef_kind == "lowrank" and (min_prob is not None or max_classes is not None):
-        raise UserInputError(
-            "lowrank PEFs take top_k_classes (--top-k-classes), not min_prob / max_classes"
+    lake = as_lake(lake)
+    run = resolve_run(lake, run_id)
+    checkpoint = run.checkpoint_index(checkpoint)
+    if pef_kind == "diag":
+        refuse_unused(
+            "to diag PEFs (they take --min-prob)",
+            max_classes=max_classes,
+            top_k_classes=top_k_classes,
         )
-    if pef_kind == "diag" and (max_classes is not None or top_k_classes is not None):
-        raise UserInputError(
-            "diag PEFs take min_prob (--min-prob) only, not max_classes / top_k_classes"
+    if pef_kind == "lowrank":
+        refuse_unused(
+            "to lowrank PEFs (they take --top-k-classes)",
+            min_prob=min_prob,
+            max_classes=max_classes,
         )
-    if pef_kind == "lvrm" and (max_classes is None or min_prob is None):
-        raise UserInputError(
-            "lvrm PEFs need both max_classes and min_prob (--max-classes M --min-prob P): each "
-            "example keeps its classes with p >= min_prob, at most max_classes of them"
+    if pef_kind == "lvrm":
+        refuse_unused(
+            "to lvrm PEFs (they take --max-classes and --min-prob)", top_k_classes=top_k_classes
         )
-    n = len(data) if n_examples is None else int(n_examples)
-    if not 1 <= n <= len(data):
-        raise UserInputError(f"n_examples must be in 1..{len(data)} (the {split} split), got {n}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise UserInputError(f"block_size must be a positive integer, got {block_size!r}")
-    info = lake.group(run_id).attrs
-    n_params = int(lake.group(run_id)["theta"].shape[1])
-    n_classes = int(info["num_classes"])
+        if max_classes is None or min_prob is None:
+            raise UserInputError(
+                "lvrm PEFs need both --max-classes M and --min-prob P: each example keeps its "
+                "classes with p >= P, at most M of them"
+            )
+    if storage == "dense":
+        refuse_unused("to --storage dense (it keeps every entry)", k=k)
+    elif k is None:
+        k = DEFAULT_TOP_K
+    n_classes, n_params = run.num_classes, run.n_params
+    for name, value in (("top_k_classes", top_k_classes), ("max_classes", max_classes)):
+        check(name, value, None, Interval(int, 1, n_classes), context=f"{n_classes} classes")
+    n = run.n_rows(split, n_examples)
+    data = run.split(split)
     rows_per_example = 1 if pef_kind == "diag" else (top_k_classes or max_classes or n_classes)
     if storage == "topk":
-        if k is None or k < 1:
-            raise UserInputError(f"k must be a positive integer with storage=topk, got {k!r}")
         k = min(int(k), n_params * rows_per_example)
     config = {
         "checkpoint": checkpoint,
@@ -171,6 +183,7 @@ def run_pefs(
         "top_k_classes": top_k_classes,
         "max_classes": max_classes,
         "block_size": block_size,
+        **({"dtype": dtype} if dtype != "float32" else {}),
     }
     writer = lake.begin("pefs", config, [run_id])
     if writer.complete:
@@ -178,14 +191,14 @@ def run_pefs(
     with writer:
         rows = (block_size,)
         outputs = {
-            "logits": writer.create_array("logits", (n, n_classes), chunks=(block_size, n_classes)),
-            "dense_norm": writer.create_array("dense_norm", (n,), chunks=rows),
+            "logits": writer.create_array(
+                "logits", (n, n_classes), dtype, chunks=(block_size, n_classes)
+            ),
+            "dense_norm": writer.create_array("dense_norm", (n,), dtype, chunks=rows),
         }
         if storage == "topk":
             index_dtype = "int32" if n_params < 2**31 else "int64"
-            outputs["values"] = writer.create_array(
-                "values", (n, k), "float32", chunks=(block_size, k)
-            )
+            outputs["values"] = writer.create_array("values", (n, k), dtype, chunks=(block_size, k))
             outputs["indices"] = writer.create_array(
                 "indices", (n, k), index_dtype, chunks=(block_size, k)
             )
@@ -195,17 +208,16 @@ def run_pefs(
                 )
         elif pef_kind == "diag":
             outputs["dense"] = writer.create_array(
-                "dense", (n, n_params), "float32", chunks=(block_size, n_params)
+                "dense", (n, n_params), dtype, chunks=(block_size, n_params)
             )
         else:
             shape = (n, rows_per_example, n_params)
             outputs["factors"] = writer.create_array(
-                "factors", shape, "float32", chunks=(block_size, *shape[1:])
+                "factors", shape, dtype, chunks=(block_size, *shape[1:])
             )
         if pef_kind == "lvrm":
             outputs["rank"] = writer.create_array("rank", (n,), "int64", chunks=rows)
-        n_blocks = -(-n // block_size)
-        done = writer.progress("blocks", n_blocks)
+        done = writer.progress("blocks", len(block_slices(n, block_size)))
         options = {
             "pef_kind": pef_kind,
             "k": k,
@@ -213,19 +225,11 @@ def run_pefs(
             "min_prob": min_prob,
             "top_k_classes": top_k_classes,
             "max_classes": max_classes,
+            "dtype": dtype,
         }
+        blocks = block_slices(n, block_size)
         tasks = [
-            (
-                lake.url,
-                run_id,
-                checkpoint,
-                split,
-                slice(b * block_size, min(n, (b + 1) * block_size)),
-                outputs,
-                done.array,
-                b,
-                options,
-            )
+            (lake.url, run_id, checkpoint, split, blocks[b], outputs, done.array, b, options)
             for b in done.pending()
         ]
         run_tasks(_pef_block, tasks, description=f"{pef_kind} PEFs", progress=progress)
@@ -243,21 +247,30 @@ def run_pefs(
     return writer.commit()
 
 
-def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed: int):
-    model = cached_model(lake_url, run_id, checkpoint)
-    x = torch.as_tensor(cached_run_splits(lake_url, run_id).split(split).x[rows])
+def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed: int, dtype):
+    block = load_block(lake_url, run_id, checkpoint, split, rows, dtype)
     total, count = kernels.dataset_fisher_diag_sum(
-        model,
-        x,
+        block.model,
+        block.x,
         mode=mode,
         seed=seed,
         example_offset=rows.start,
         dtype=torch.float64,
-        device=torch_device(),
+        device=block.device,
     )
     return total.cpu().numpy(), count
 
 
+@validate_params(
+    {
+        "split": SPLIT,
+        "n_examples": [None, *POSITIVE_INT],
+        "mode": [Options(*DSF_MODES)],
+        "seed": SEED,
+        "block_size": POSITIVE_INT,
+        "dtype": DTYPE,
+    }
+)
 def run_dsf(
     lake: Lake | str,
     run_id: str,
@@ -268,32 +281,31 @@ def run_dsf(
     mode: str = "expectation",
     seed: int = 0,
     block_size: int = 256,
+    dtype: str = "float32",
     progress: bool = True,
 ) -> str:
     """Dataset-level diagonal Fisher (mean D-PEF, or sampled-label Fisher) as a ``dsf`` artifact.
 
     Block sums are computed as tasks and added in float64 in block order, so the result does
     not depend on the cluster; sampled labels are drawn per example from ``(seed, example)``.
+    The model runs in ``dtype``; the sums are float64.
     """
-    lake = open_lake(lake) if isinstance(lake, str) else lake
-    data = _check_run(lake, run_id, split, checkpoint)
-    checkpoint %= lake.group(run_id)["theta"].shape[0]
-    if mode not in ("expectation", "sampling"):
-        raise UserInputError(f"mode={mode!r} is not one of: expectation, sampling")
-    n = len(data) if n_examples is None else int(n_examples)
-    if not 1 <= n <= len(data):
-        raise UserInputError(f"n_examples must be in 1..{len(data)}, got {n}")
+    lake = as_lake(lake)
+    run = resolve_run(lake, run_id)
+    checkpoint = run.checkpoint_index(checkpoint)
+    n = run.n_rows(split, n_examples)
     config = {
         "checkpoint": checkpoint,
         "split": split,
         "n_examples": n,
         "mode": mode,
         "seed": seed if mode == "sampling" else None,
+        **({"dtype": dtype} if dtype != "float32" else {}),
     }
     writer = lake.begin("dsf", config, [run_id])
     if writer.complete:
         return writer.id
-    blocks = [slice(s, min(n, s + block_size)) for s in range(0, n, block_size)]
+    blocks = block_slices(n, block_size)
     sums: dict[int, np.ndarray] = {}
 
     def collect(args, result):
@@ -301,7 +313,7 @@ def run_dsf(
 
     run_tasks(
         _dsf_block,
-        [(lake.url, run_id, checkpoint, split, rows, mode, seed) for rows in blocks],
+        [(lake.url, run_id, checkpoint, split, rows, mode, seed, dtype) for rows in blocks],
         description="DSF",
         on_result=collect,
         progress=progress,
@@ -309,7 +321,7 @@ def run_dsf(
     total = sum(sums[start][0] for start in sorted(sums))
     count = sum(sums[start][1] for start in sorted(sums))
     fisher = total / count
-    writer.write("fisher", fisher.astype(np.float32))
+    writer.write("fisher", fisher.astype(dtype))
     writer.set_attrs(
         mode=mode,
         n_examples=int(count),
@@ -329,15 +341,16 @@ def run_filter(
     indices: Sequence[int] | None = None,
 ) -> str:
     """A new ``pefs`` artifact with only the selected examples of ``pefs_id``."""
-    lake = open_lake(lake) if isinstance(lake, str) else lake
-    source = lake.open(pefs_id)
-    if source.attrs.get("curvlake:kind") != "pefs":
-        raise UserInputError(f"{pefs_id} is not a pefs artifact")
+    lake = as_lake(lake)
+    require_artifact(lake, pefs_id, "pefs", role="PEF artifact")
     if not (incorrect_only or labels is not None or indices is not None):
-        raise UserInputError("give at least one filter: incorrect_only, labels or indices")
+        raise UserInputError(
+            "give at least one filter: --incorrect-only, --labels L1,L2 or --indices I1,I2"
+        )
+    source = lake.open(pefs_id)
     n = source.sizes["example"]
-    if indices is not None and any(not 0 <= int(i) < n for i in indices):
-        raise UserInputError(f"indices must be in 0..{n - 1}")
+    check("labels", labels, None, IntList(Interval(int, 0, None)))
+    check("indices", indices, None, IntList(Interval(int, 0, n - 1)), context=f"{n} examples")
     keep = kernels.filter_examples(
         source["logits"].values,
         source["label"].values,
@@ -346,7 +359,7 @@ def run_filter(
         indices=indices,
     )
     if keep.size == 0:
-        raise UserInputError("the filter keeps no example")
+        raise UserInputError("the filter keeps no example; nothing was stored")
     config = {
         "incorrect_only": bool(incorrect_only),
         "labels": None if labels is None else sorted(int(v) for v in labels),
