@@ -13,7 +13,7 @@ import sys
 import click
 
 from curvlake import __version__
-from curvlake._cli import data, lake, npeff, pefs, quickstart, runs, stats, train
+from curvlake._cli import data, lake, masks, npeff, pefs, quickstart, runs, stats, train
 from curvlake._cli.common import DEFAULT_LAKE, CurvlakeGroup, Settings
 from curvlake.engine import CLUSTERS
 
@@ -49,6 +49,7 @@ for command in (
     data.data,
     train.train,
     runs.runs,
+    masks.mask,
     pefs.pefs,
     npeff.npeff,
     stats.stats,

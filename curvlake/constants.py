@@ -46,3 +46,7 @@ NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
 NORM_METHODS = ("exact", "lanczos")
 #: Input space of the Jacobian.
 INPUT_SPACES = ("standardized", "raw")
+
+# -- parameter masks -------------------------------------------------------------------------------
+#: Magnitude masks: the largest |theta_j| over all selected tensors, or per tensor.
+MASK_SCOPES = ("global", "layer")

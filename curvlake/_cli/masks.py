@@ -11,6 +11,7 @@ from curvlake._cli.common import (
     pass_settings,
     run_option,
 )
+from curvlake.constants import MASK_SCOPES
 
 
 @click.group(cls=CurvlakeGroup)
@@ -27,6 +28,7 @@ def mask():
 )
 @click.option(
     "--scope",
+    type=click.Choice(MASK_SCOPES),
     default="global",
     show_default=True,
     help="global: top-m over all selected tensors; layer: each tensor keeps its share.",

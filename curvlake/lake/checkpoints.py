@@ -152,11 +152,14 @@ def cached_model(
 def load_model(lake, run_id: str, checkpoint: int = -1) -> torch.nn.Module:
     """The model of ``run_id`` at ``checkpoint`` (an index into its checkpoints; -1 = last).
 
-    The model is on the CPU, in eval mode, with the stored parameters and buffers bit-exact.
+    The model is on the CPU, in eval mode, with the stored parameters and buffers bit-exact
+    (a float64 run's model is float64).
     """
     group = lake.group(run_id)
     index = _checkpoint_index(group["theta"].shape[0], checkpoint, run_id)
     model = build_run_model(lake, run_id)
+    if group["theta"].dtype == np.float64:
+        model = model.double()  # a float64 run keeps its precision
     assign_parameters(model, group["theta"][index])
     if "buffers" in group.array_keys():
         assign_buffers(model, group["buffers"][index])

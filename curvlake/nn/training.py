@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvlake.constants import OPTIMIZERS
 from curvlake.errors import UserInputError
 from curvlake.nn.datasets import (
     DATASET_NAMES,
@@ -37,10 +38,10 @@ from curvlake.nn.datasets import (
     load_npz,
     load_splits,
 )
+from curvlake.nn.hooks import Recorder, attach
 from curvlake.nn.label_noise import apply_label_noise
 from curvlake.nn.models import MODEL_NAMES, build_model, resolve_model_params
 
-OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "step")
 
 # independent random streams of one run
@@ -443,6 +444,7 @@ def train_one_epoch(
     *,
     pad_value: float | Sequence[float] | np.ndarray = 0.0,
     callback: BatchCallback | None = None,
+    recorders: Sequence[Recorder] = (),
 ) -> dict[str, float]:
     """Run training epoch ``epoch`` (0-based) over ``(x, y)`` with mean cross-entropy.
 
@@ -452,7 +454,8 @@ def train_one_epoch(
     same generator with ``pad_value`` as the padding (``Splits.pad_value`` pads with raw
     black), and seeds dropout from ``(config.seed, epoch)``.
     ``callback(batch_index, num_batches, loss)`` is called after every optimizer step (e.g. to
-    advance a progress bar).
+    advance a progress bar). ``recorders`` (:mod:`curvlake.nn.hooks`) see every training
+    forward's feature layers with phase ``"train"``; they change nothing in the training.
 
     Returns:
         ``{"loss", "accuracy", "lr"}``: mean loss and accuracy over the epoch's (augmented,
@@ -472,7 +475,10 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     model.train()
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with (
+        torch.random.fork_rng(devices=_rng_devices(device)),
+        attach(model, recorders, "train"),
+    ):
         torch.manual_seed(derive_seed(config.seed, _STREAM_DROPOUT, epoch))
         for b in range(num_batches):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
@@ -499,11 +505,15 @@ def evaluate(
     y: np.ndarray | torch.Tensor,
     batch_size: int = 1024,
     device: str | torch.device | None = None,
+    *,
+    recorders: Sequence[Recorder] = (),
+    phase: str = "eval",
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` in eval mode; NaN for an empty set.
 
     Batches go to ``device`` (default: the device of the model's first parameter). The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. ``recorders`` see the feature layers of every
+    forward with ``phase`` (``"eval:<split>"`` when the caller knows the split's name).
     """
     if device is None:
         first = next(model.parameters(), None)
@@ -518,12 +528,13 @@ def evaluate(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        for start in range(0, n, batch_size):
-            xb = x_all[start : start + batch_size].to(device, non_blocking=True)
-            yb = y_all[start : start + batch_size].to(device, non_blocking=True)
-            logits = model(xb)
-            total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == yb).sum()
+        with attach(model, recorders, phase):
+            for start in range(0, n, batch_size):
+                xb = x_all[start : start + batch_size].to(device, non_blocking=True)
+                yb = y_all[start : start + batch_size].to(device, non_blocking=True)
+                logits = model(xb)
+                total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == yb).sum()
     finally:
         model.train(was_training)
     return {"loss": float(total_loss) / n, "accuracy": int(correct) / n}
@@ -544,6 +555,7 @@ def train_epochs(
     pad_value: float | Sequence[float] | np.ndarray = 0.0,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = False,
+    recorders: Sequence[Recorder] = (),
 ) -> list[dict[str, float]]:
     """Train epochs ``start_epoch..config.epochs - 1``; return one metrics dict per epoch.
 
@@ -552,6 +564,11 @@ def train_epochs(
     each of ``eval_splits``; ``on_epoch_end(k + 1, metrics)`` is then called, which is where a
     caller saves checkpoints (``k + 1 in checkpoint_epochs(config)``). ``progress`` shows a
     tqdm bar over epochs.
+
+    ``recorders`` (:mod:`curvlake.nn.hooks`): ``start_epoch(k)`` before epoch ``k``, the
+    training forwards recorded with phase ``"train"``, the evaluation of each of
+    ``eval_splits`` (the model at checkpoint ``k + 1``) with ``"eval:<name>"``, then
+    ``end_epoch(k)``, before ``on_epoch_end``. Recording leaves the trained weights unchanged.
     """
     if not _is_int(start_epoch, 0) or start_epoch > config.epochs:
         raise UserInputError(
@@ -565,8 +582,18 @@ def train_epochs(
 
         epochs = progress_bar(epochs, desc=f"train {config.model}", unit="epoch")
     for epoch in epochs:
+        for recorder in recorders:
+            recorder.start_epoch(epoch)
         stats = train_one_epoch(
-            model, optimizer, train.x, train.y, config, epoch, device, pad_value=pad_value
+            model,
+            optimizer,
+            train.x,
+            train.y,
+            config,
+            epoch,
+            device,
+            pad_value=pad_value,
+            recorders=recorders,
         )
         metrics = {
             "epoch": epoch + 1,
@@ -575,9 +602,19 @@ def train_epochs(
             "train_accuracy": stats["accuracy"],
         }
         for name, split in (eval_splits or {}).items():
-            result = evaluate(model, split.x, split.y, config.eval_batch_size, device)
+            result = evaluate(
+                model,
+                split.x,
+                split.y,
+                config.eval_batch_size,
+                device,
+                recorders=recorders,
+                phase=f"eval:{name}",
+            )
             metrics[f"{name}_loss"] = result["loss"]
             metrics[f"{name}_accuracy"] = result["accuracy"]
+        for recorder in recorders:
+            recorder.end_epoch(epoch)
         history.append(metrics)
         if progress:
             epochs.set_postfix(

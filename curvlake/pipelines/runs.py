@@ -248,6 +248,8 @@ def import_run(
             **dict(model_params or {}),
         )
         state = map_keys(_load_state_dict(blob, path), net, key_map)
+        if any(v.dtype == torch.float64 for v in state.values()):
+            net = net.double()  # keep a float64 model's precision
         _load_into(net, state, path, f"model {model!r}")
     elif module is not None:
         module_path = Path(module)

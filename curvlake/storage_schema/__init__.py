@@ -27,6 +27,7 @@ _KIND_MODULES = (
     "npeff",
     "npeff_perturbation",
     "jacobian_stats",
+    "mask",
 )
 
 SPECS: dict[str, ArtifactSpec] = {

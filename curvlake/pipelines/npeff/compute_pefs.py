@@ -55,10 +55,10 @@ def _pef_block(
     if kind == "diag":
         f = kernels.per_example_fisher_diag(model, x, min_prob=options["min_prob"], **common)
         if options["storage"] == "dense":
-            values, norm = kernels.dense_diag(f)
+            values, norm = kernels.dense_diag(f, dtype=common["dtype"])
             outputs["dense"][rows] = values.cpu().numpy()
         else:
-            values, indices, norm = kernels.topk_sparsify_diag(f, k)
+            values, indices, norm = kernels.topk_sparsify_diag(f, k, dtype=common["dtype"])
             outputs["values"][rows] = values.cpu().numpy()
             outputs["indices"][rows] = indices.cpu().numpy()
     else:
@@ -72,10 +72,10 @@ def _pef_block(
             )
             outputs["rank"][rows] = rank.cpu().numpy()
         if options["storage"] == "dense":
-            factors, norm = kernels.dense_lowrank(a)
+            factors, norm = kernels.dense_lowrank(a, dtype=common["dtype"])
             outputs["factors"][rows] = factors.cpu().numpy()
         else:
-            values, class_index, indices, norm = kernels.topk_sparsify_lowrank(a, k)
+            values, class_index, indices, norm = kernels.topk_sparsify_lowrank(a, k, dtype=common["dtype"])
             outputs["values"][rows] = values.cpu().numpy()
             outputs["indices"][rows] = indices.cpu().numpy()
             outputs["class_index"][rows] = class_index.cpu().numpy()
