@@ -67,11 +67,7 @@ def get_client(
     from distributed import Client, LocalCluster
 
     if address or scheduler_file:
-        if address and scheduler_file:
-            raise UserInputError("give either a scheduler address or a scheduler file, not both")
-        if scheduler_file and not os.path.exists(scheduler_file):
-            raise UserInputError(f"scheduler file {scheduler_file} does not exist")
-        return Client(address, scheduler_file=scheduler_file, timeout="20s")
+        return _connect(address, scheduler_file)
     if cluster == "sync":
         return None
     if cluster == "auto":
@@ -105,28 +101,98 @@ def get_client(
         threads_per_worker=threads_per_worker,
         processes=cluster_kwargs.pop("processes", True),
         memory_limit=memory_limit,
-        dashboard_address=cluster_kwargs.pop("dashboard_address", None),
+        # A free port: a fixed one warns "port in use" whenever two commands run at once.
+        dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"),
         silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
         **cluster_kwargs,
     )
     return Client(local)
 
 
+#: How long to wait for an existing scheduler before saying it cannot be reached.
+CONNECT_TIMEOUT = "5s"
+
+
+def _connect(address: str | None, scheduler_file: str | None):
+    """A client of an existing scheduler; a one-line error when it cannot be reached."""
+    from distributed import Client
+
+    if address and scheduler_file:
+        raise UserInputError("give either a scheduler address or a scheduler file, not both")
+    if scheduler_file and not os.path.isfile(scheduler_file):
+        raise UserInputError(f"scheduler file {scheduler_file} does not exist")
+    if address and "://" not in address and ":" not in address:
+        raise UserInputError(
+            f"scheduler address {address!r} is not like tcp://host:8786 (or host:8786)"
+        )
+    where = address or f"the address in {scheduler_file}"
+    try:
+        return Client(address, scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(
+            f"cannot reach the Dask scheduler at {where} within {CONNECT_TIMEOUT} ({reason[:160]})"
+        ) from None
+
+
+def _close(client, started_cluster: bool) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None and started_cluster:
+        cluster.close()
+
+
+class _LazyClient:
+    """A cluster started on first use: commands that refuse their input, or find their
+    artifact complete, never start one."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self.kwargs = kwargs
+        self.client = None
+
+    def get(self):
+        if self.client is None:
+            self.client = get_client(**self.kwargs)
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            _close(self.client, self.kwargs.get("address") is None)
+            self.client = None
+
+
+_LAZY: list[_LazyClient] = []
+
+
 @contextlib.contextmanager
-def client_session(**kwargs: Any) -> Iterator[Any]:
-    """``get_client`` as a context manager; ``sync`` also sets dask's synchronous scheduler."""
-    client = get_client(**kwargs)
-    if client is None:
+def client_session(lazy: bool = False, **kwargs: Any) -> Iterator[Any]:
+    """``get_client`` as a context manager; ``sync`` also sets dask's synchronous scheduler.
+
+    With ``lazy=True`` (the command line) the cluster starts when a pipeline first asks for
+    it (:func:`current_client`), so bad input is refused before any cluster is started; the
+    session then yields None.
+    """
+    if kwargs.get("cluster") == "sync" and not (
+        kwargs.get("address") or kwargs.get("scheduler_file")
+    ):
+        get_client(**kwargs)  # validates the options
         with dask.config.set(scheduler="synchronous"):
             yield None
         return
+    if lazy:
+        session = _LazyClient(kwargs)
+        _LAZY.append(session)
+        try:
+            yield None
+        finally:
+            _LAZY.remove(session)
+            session.close()
+        return
+    client = get_client(**kwargs)
     try:
         yield client
     finally:
-        cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None and kwargs.get("address") is None:
-            cluster.close()
+        _close(client, kwargs.get("address") is None)
 
 
 def torch_device() -> str:
@@ -140,13 +206,22 @@ def torch_device() -> str:
 
 
 def current_client():
-    """The active ``distributed.Client``, or None (run in this process)."""
+    """The active ``distributed.Client`` (starting a lazy session's cluster), or None (run in
+    this process)."""
+    if _LAZY:
+        return _LAZY[-1].get()
     try:
         from distributed import get_client as _get
 
         return _get()
     except ValueError:
         return None
+
+
+def gpu_resources(client) -> dict[str, int] | None:
+    """``{"GPU": 1}`` when some worker of ``client`` advertises a ``GPU`` resource."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
 def memory_budget() -> int:
@@ -180,12 +255,16 @@ def run_tasks(
 
     Without a client they run here, in order. Each task writes its own (owned) chunks and marks
     its progress block itself, so an interruption loses at most the tasks in flight.
-    ``on_result(args, result)`` is called in this process as results arrive.
+    ``on_result(args, result)`` is called in this process as results arrive. ``resources``
+    default: ``{"GPU": 1}`` on a cluster whose workers advertise GPUs (dask-cuda, or workers
+    started with ``--resources GPU=1``), so each task holds one GPU; none otherwise.
     """
     bar = progress_bar(
         total=len(tasks), desc=description, unit="task", disable=not progress or not tasks
     )
     client = current_client()
+    if resources is None and client is not None:
+        resources = gpu_resources(client)
     try:
         if client is None:
             for args in tasks:

@@ -42,8 +42,9 @@ class Settings:
         return open_lake(self.lake_url, create=create)
 
     def cluster_session(self):
-        """The Dask client for a pipeline (started only by commands that compute)."""
+        """The Dask cluster of a pipeline, started when the pipeline first submits work."""
         return client_session(
+            lazy=True,
             address=self.scheduler,
             scheduler_file=self.scheduler_file,
             cluster=self.cluster,

@@ -30,6 +30,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from curvlake.errors import LakeError, SchemaError
+from curvlake.lake._chunks import chunk_problems
 from curvlake.storage_schema import ArrayInfo, ArtifactSpec, validate_arrays
 
 if TYPE_CHECKING:
@@ -43,6 +44,13 @@ STATUS, KIND, VERSION, PROVENANCE = (
     NS + "provenance",
 )
 PROGRESS_GROUP = "_progress"
+#: Scratch and state arrays of a pipeline, kept in staging while it runs (for resume), removed
+#: at commit.
+WORK_GROUP = "_work"
+# zarr skips chunks equal to the fill value by default; a complete artifact stores every chunk,
+# so that a missing one is corruption, never a fill value (DESIGN.md, "The lake contract").
+# The setting is not stored with the array: it is set on every array a writer hands out.
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
 
 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
 warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
@@ -55,6 +63,29 @@ def compressors_for(dtype: np.dtype, compress: bool) -> tuple:
     default (benchmarks/lake_io.py); the checksum makes corruption an error, not silent.
     """
     return (ZstdCodec(level=1), Crc32cCodec()) if compress else (Crc32cCodec(),)
+
+
+def create_work_array(
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """A scratch or state array in a work group (:meth:`ArtifactWriter.work_group`): checksummed
+    (crc32c) and with every chunk written, like the artifact's own arrays."""
+    shape = tuple(int(s) for s in shape)
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=tuple(chunks) if chunks else tuple(max(1, s) for s in shape),
+        compressors=compressors_for(np.dtype(dtype), False),
+        config=WRITE_ALL_CHUNKS,
+        overwrite=overwrite,
+    )
 
 
 def array_infos(group: zarr.Group) -> dict[str, ArrayInfo]:
@@ -189,7 +220,7 @@ class ArtifactWriter:
                     f"artifact {self.id}: staged array {name!r} has shape {array.shape}, "
                     f"this run wants {shape}; remove the stale staging with `curvlake lake gc`"
                 )
-            return array
+            return array.with_config(WRITE_ALL_CHUNKS)
         return self.group.create_array(
             name, **self._creation_kwargs(name, shape, dtype, chunks, fill_value, compress, attrs)
         )
@@ -208,6 +239,7 @@ class ArtifactWriter:
             "fill_value": fill_value,
             "compressors": compressors_for(dtype, compress),
             "attributes": dict(attrs or {}),
+            "config": WRITE_ALL_CHUNKS,
         }
 
     def write(self, name: str, data: Any, **kwargs: Any) -> zarr.Array:
@@ -266,6 +298,7 @@ class ArtifactWriter:
                     f"artifact {self.id}: staged progress {name!r} has {array.shape[0]} blocks, "
                     f"this run has {n_blocks}; remove the stale staging with `curvlake lake gc`"
                 )
+            array = array.with_config(WRITE_ALL_CHUNKS)
         else:
             array = progress_group.create_array(
                 name,
@@ -274,13 +307,24 @@ class ArtifactWriter:
                 dtype="uint8",
                 fill_value=0,
                 compressors=None,
+                config=WRITE_ALL_CHUNKS,
             )
         return BlockProgress(array)
+
+    def work_group(self, name: str) -> zarr.Group:
+        """The scratch / state group ``name`` of the staged artifact (created, or found on
+        resume). Create its arrays with :func:`create_work_array`; it is removed at commit."""
+        return self.group.require_group(WORK_GROUP).require_group(name)
 
     # -- commit ------------------------------------------------------------------------------
 
     def commit(self) -> str:
-        """Validate, consolidate with ``status=complete``, and move the artifact into place."""
+        """Validate, consolidate with ``status=complete``, and move the artifact into place.
+
+        Refuses (LakeError) when blocks are not done, when an array lacks chunks (a task that
+        did not write what it owns; checked from one listing, no chunk is read), or when the
+        arrays do not match the kind's schema.
+        """
         group = self.group
         if PROGRESS_GROUP in group.group_keys():
             for name, array in group[PROGRESS_GROUP].arrays():
@@ -291,9 +335,19 @@ class ArtifactWriter:
                         "are not done"
                     )
             del group[PROGRESS_GROUP]
+        if WORK_GROUP in group.group_keys():
+            del group[WORK_GROUP]
         infos = array_infos(group)
         attrs = dict(group.attrs)
         validate_arrays(self.spec, infos, attrs, where=f"artifact {self.id}")
+        problems = chunk_problems(
+            dict(group.arrays()), self.lake._stored_files(self.url), self.spec.sparse_arrays()
+        )
+        if problems:
+            raise LakeError(
+                f"artifact {self.id}: cannot commit, chunks were not written: "
+                + "; ".join(problems)
+            )
         coords = [c for c in self.spec.coords() if c in infos]
         group.attrs.update({"coordinates": " ".join(coords), STATUS: "complete"})
         zarr.consolidate_metadata(group.store, path=group.path, zarr_format=3)

@@ -15,9 +15,11 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from zarr.storage import FsspecStore, LocalStore
 
 from curvlake.errors import (
     ArtifactNotFoundError,
+    CorruptChunkError,
     IncompleteArtifactError,
     LakeError,
     SchemaError,
@@ -32,7 +34,13 @@ from curvlake.lake._artifact import (
     array_infos,
     new_provenance,
 )
-from curvlake.lake._chunks import dask_array
+from curvlake.lake._chunks import (
+    GuardedGroup,
+    GuardedStore,
+    chunk_problems,
+    dask_array,
+    rm_hint,
+)
 from curvlake.lake._ids import artifact_id, canonical_config, config_hash, kind_of
 from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, SPECS, get_spec, validate_arrays
 
@@ -106,6 +114,25 @@ class Lake:
     def _exists(self, url: str) -> bool:
         return self.fs.exists(url if self.local else fsspec.core.url_to_fs(url)[1])
 
+    def _stored_files(self, url: str) -> dict[str, int]:
+        """Size of every file under the group at ``url``, by path relative to it (one listing,
+        no file is read)."""
+        if self.local:
+            files: dict[str, int] = {}
+            start = len(url.rstrip("/")) + 1
+            folders = [url]
+            while folders:
+                with os.scandir(folders.pop()) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(entry.path)
+                        else:
+                            files[entry.path[start:]] = entry.stat().st_size
+            return files
+        root = fsspec.core.url_to_fs(url)[1].rstrip("/") + "/"
+        found = self.fs.find(root, detail=True)
+        return {p[len(root) :]: int(i["size"]) for p, i in found.items() if p.startswith(root)}
+
     # -- catalog -----------------------------------------------------------------------------
 
     def list(self, kind: str | None = None, **attr_filters: Any) -> list[ArtifactInfo]:
@@ -169,7 +196,13 @@ class Lake:
     # -- reading -----------------------------------------------------------------------------
 
     def group(self, artifact: str) -> zarr.Group:
-        """The zarr group of a complete artifact (checked: complete, compatible schema)."""
+        """The zarr group of a complete artifact (checked: complete, compatible schema).
+
+        The group is read-only and reading its arrays raises CorruptChunkError naming artifact
+        and array when a chunk fails its checksum or is missing (every chunk of a complete
+        artifact is stored; only arrays the spec declares ``sparse`` read absent chunks as the
+        fill value).
+        """
         info = self.info(artifact)
         if info.status != "complete":
             where = "staging" if self.local else "place"
@@ -188,7 +221,16 @@ class Lake:
                 f"{info.schema_version or 'none'}, "
                 f"this curvlake reads version {spec.major}.x; use a matching curvlake version"
             )
-        return zarr.open_group(self._final_url(artifact), mode="r", zarr_format=3)
+        url = self._final_url(artifact)
+        store = (
+            LocalStore(url, read_only=True)
+            if self.local
+            else FsspecStore.from_url(url, read_only=True)
+        )
+        group = zarr.open_group(
+            GuardedStore(store, artifact, spec.sparse_arrays()), mode="r", zarr_format=3
+        )
+        return GuardedGroup(group._async_group)
 
     def open(self, artifact: str) -> xr.Dataset:
         """A lazy, dask-backed xarray Dataset of a complete artifact.
@@ -200,26 +242,52 @@ class Lake:
 
         group = self.group(artifact)
         attrs = dict(group.attrs)
+        sparse = get_spec(attrs[KIND]).sparse_arrays()
         coord_names = set(attrs.pop("coordinates", "").split())
         variables, coords = {}, {}
         for name, array in group.arrays():
             dims = array.metadata.dimension_names
-            variable = xr.Variable(dims, dask_array(array, artifact, name), attrs=dict(array.attrs))
+            values = dask_array(array, artifact, name, sparse=name in sparse)
+            variable = xr.Variable(dims, values, attrs=dict(array.attrs))
             (coords if name in coord_names or name in dims else variables)[name] = variable
         return xr.Dataset(variables, coords=coords, attrs=attrs)
 
     def validate(self, artifact: str, check_chunks: bool = True) -> None:
-        """Check an artifact against its schema and (optionally) every chunk's checksum."""
+        """Check a complete artifact: its schema, that every chunk is stored (and, for raw
+        arrays, has the right size), and, with ``check_chunks``, every chunk's checksum.
+
+        Without ``check_chunks`` only metadata and one listing of the artifact are read.
+
+        Raises:
+            SchemaError: the arrays or attributes do not match the kind's schema.
+            CorruptChunkError: a chunk is missing, has the wrong size or fails its checksum.
+        """
         group = self.group(artifact)
         spec = get_spec(group.attrs[KIND])
         validate_arrays(spec, array_infos(group), dict(group.attrs), where=f"artifact {artifact}")
+        problems = self._chunk_problems(artifact, group)
+        if problems:
+            raise CorruptChunkError(
+                f"artifact {artifact}: " + "; ".join(problems) + f"; {rm_hint(artifact)}"
+            )
         if check_chunks:
+            sparse = spec.sparse_arrays()
             blocks = [
-                dask_array(array, artifact, name).map_blocks(_nothing, dtype=bool)
+                dask_array(array, artifact, name, sparse=name in sparse).map_blocks(
+                    _nothing, dtype=bool
+                )
                 for name, array in group.arrays()
                 if array.size
             ]
             da.compute(*blocks)
+
+    def _chunk_problems(self, artifact: str, group: zarr.Group) -> list[str]:
+        """Missing (or, for raw arrays, wrongly sized) chunks, from one listing."""
+        return chunk_problems(
+            dict(group.arrays()),
+            self._stored_files(self._final_url(artifact)),
+            get_spec(group.attrs[KIND]).sparse_arrays(),
+        )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -233,13 +301,32 @@ class Lake:
         for input_id in inputs:
             if self.info(input_id).status != "complete":
                 raise IncompleteArtifactError(f"input artifact {input_id} is not complete")
+            self._check_stored(input_id, role="input artifact")
         art = artifact_id(kind, config, inputs)
         if self._is_complete(art):
+            self._check_stored(art)
             return ArtifactWriter(self, spec, art, config, inputs, complete=True)
         writer = ArtifactWriter(self, spec, art, config, inputs, complete=False)
         self._acquire(art)
         writer._start(new_provenance(config, inputs, config_hash(config)))
         return writer
+
+    def _check_stored(self, artifact: str, role: str = "artifact") -> None:
+        """Cheap integrity check of a complete artifact that is about to be reused or read:
+        schema and chunk presence from its metadata and one listing (no checksum pass)."""
+        group = self.group(artifact)  # an incompatible schema version raises here, as on reads
+        spec = get_spec(group.attrs[KIND])
+        error_type: type[LakeError] = CorruptChunkError
+        try:
+            validate_arrays(spec, array_infos(group), dict(group.attrs), where="its metadata")
+            problems = self._chunk_problems(artifact, group)
+        except SchemaError as error:
+            error_type, problems = SchemaError, [str(error)]
+        if problems:
+            raise error_type(
+                f"{role} {artifact} is stored but damaged ({'; '.join(problems)}); remove it "
+                f"with `curvlake lake rm {artifact}` and rerun"
+            )
 
     def _is_complete(self, artifact: str) -> bool:
         try:
@@ -290,6 +377,86 @@ class Lake:
         self._release(artifact)
 
     # -- maintenance -------------------------------------------------------------------------
+
+    def dependents(self, artifact: str) -> list[str]:
+        """Every artifact computed (directly or not) from ``artifact``, dependents first.
+
+        An artifact depends on the ones its provenance lists as ``inputs``; complete and staged
+        artifacts count.
+        """
+        users: dict[str, list[str]] = {}
+        for info in self.list():
+            for input_id in info.inputs:
+                users.setdefault(input_id, []).append(info.id)
+        ordered: list[str] = []
+
+        def visit(art: str) -> None:
+            for user in users.get(art, []):
+                if user not in ordered:
+                    visit(user)
+                    ordered.append(user)
+
+        visit(artifact)
+        return ordered
+
+    def remove(self, artifact: str, recursive: bool = False, dry_run: bool = False) -> list[str]:
+        """Remove a complete or staged artifact (to recompute a damaged one, or free space).
+
+        Args:
+            artifact: the artifact id.
+            recursive: also remove every artifact computed from it, dependents first.
+            dry_run: only return what would be removed.
+
+        Returns:
+            The ids removed (or that would be), ``artifact`` last.
+
+        Raises:
+            ArtifactNotFoundError: no such artifact.
+            LakeError: other artifacts were computed from it and ``recursive`` is false, or a
+                live process is writing one of them.
+        """
+        self.info(artifact)
+        dependents = self.dependents(artifact)
+        if dependents and not recursive:
+            raise LakeError(
+                f"artifact {artifact} is an input of {', '.join(dependents)}; remove them too "
+                f"with `curvlake lake rm {artifact} --recursive`"
+            )
+        doomed = [*dependents, artifact]
+        for art in doomed:
+            holder = self._lock_holder(art)
+            if holder is not None:
+                raise LakeError(
+                    f"artifact {art} is being written by process {holder.get('pid')} on "
+                    f"{holder.get('host')}; stop it first, then remove the artifact"
+                )
+        if not dry_run:
+            for art in doomed:
+                self._delete(art)
+        return doomed
+
+    def _lock_holder(self, artifact: str) -> dict[str, Any] | None:
+        """The live process (other than this one) holding the write lock of ``artifact``."""
+        if not self.local:
+            return None
+        try:
+            holder = json.loads(Path(self._lock_path(artifact)).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        return holder if holder != me and _alive(holder) else None
+
+    def _delete(self, artifact: str) -> None:
+        """Delete the stored artifact (placed and staged copies), its marker first so that it
+        leaves the catalog before its chunks go."""
+        for url in (self._final_url(artifact), self._url(STAGING, artifact)):
+            path = url if self.local else fsspec.core.url_to_fs(url)[1]
+            if not self.fs.exists(path):
+                continue
+            if self.fs.exists(path + "/zarr.json"):
+                self.fs.rm(path + "/zarr.json")
+            self.fs.rm(path, recursive=True)
+        self._release(artifact)
 
     def gc(self, dry_run: bool = False) -> list[str]:
         """Remove stale staging (not being written by a live process) and ``.partial`` debris.

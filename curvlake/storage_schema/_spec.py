@@ -68,6 +68,9 @@ class ArraySpec:
         chunking: chunking policy ``(shape, itemsize, budget) -> chunks``.
         variants: the values of the spec's ``variant_attr`` for which the array is required
             (``None``: every variant).
+        sparse: whether a complete artifact may lack chunks of this array, which then read as
+            the fill value. Every other array has every chunk stored, so a missing chunk is
+            corruption (DESIGN.md, "The lake contract").
     """
 
     name: str
@@ -78,6 +81,7 @@ class ArraySpec:
     required: bool = True
     chunking: ChunkPolicy = rows_within_budget
     variants: tuple[str, ...] | None = None
+    sparse: bool = False
 
     def accepts_dtype(self, dtype: np.dtype) -> bool:
         """Whether a numpy dtype belongs to this array's dtype family."""
@@ -145,6 +149,10 @@ class ArtifactSpec:
 
     def coords(self) -> list[str]:
         return [a.name for a in self.arrays if a.role == "coord"]
+
+    def sparse_arrays(self) -> frozenset[str]:
+        """Names of the arrays whose chunks may be absent (read as the fill value)."""
+        return frozenset(a.name for a in self.arrays if a.sparse)
 
     def chunks_for(
         self, name: str, shape: tuple[int, ...], dtype: Any, budget: int = DEFAULT_CHUNK_BYTES

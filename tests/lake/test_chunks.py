@@ -79,14 +79,24 @@ def _memory_owner(array: np.ndarray):
     return owner.obj if isinstance(owner, memoryview) else owner
 
 
-def test_missing_chunks_read_as_fill_value(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_missing_chunks_raise_unless_sparse(tmp_path, monkeypatch, mapped):
+    monkeypatch.setattr(chunks_module, "MAP_MIN_BYTES", 1 if mapped else 1 << 20)
     data = np.zeros((6, 4), np.float32)
     array = _array(tmp_path, data, (2, 4), fill_value=np.float32(np.nan))
-    array[2:4] = 7.0
-    reader = RawChunkReader.for_array(array)
-    np.testing.assert_array_equal(reader.read((0, 0)), array[0:2])
-    np.testing.assert_array_equal(reader.read((1, 0)), np.full((2, 4), 7.0, np.float32))
-    np.testing.assert_array_equal(dask_array(array, "a", "x").compute(), array[...])
+    array[2:4] = 7.0  # chunks c/0/0 and c/2/0 are never written
+    whole, partial = (slice(0, 2), slice(0, 4)), (slice(1, 3), slice(0, 4))
+    for key in (whole, partial):  # the direct path, then zarr's
+        with pytest.raises(
+            CorruptChunkError, match="artifact a: array 'x': chunk c/0/0 is missing"
+        ):
+            GuardedChunks(array, "a", "x")[key]
+    with pytest.raises(CorruptChunkError, match=r"chunk c/[02]/0 is missing"):
+        dask_array(array, "a", "x").compute()
+    sparse = GuardedChunks(array, "a", "x", sparse=True)
+    np.testing.assert_array_equal(sparse[whole], np.full((2, 4), np.nan, np.float32))
+    np.testing.assert_array_equal(sparse[2:4, 0:4], np.full((2, 4), 7.0, np.float32))
+    np.testing.assert_array_equal(dask_array(array, "a", "x", sparse=True).compute(), array[...])
 
 
 def test_partial_selections_and_other_codecs_go_through_zarr(tmp_path):

@@ -1,14 +1,17 @@
 """One conformance suite that every artifact kind passes (zarr-python's StoreTests pattern).
 
 For each kind, its spec's tiny example is written block by block, validated, reopened, refused
-while incomplete, and resumed after an interruption.
+while incomplete, resumed after an interruption, and found damaged when one of its chunk files
+is deleted, truncated or has a bit flipped.
 """
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from curvlake.errors import IncompleteArtifactError, SchemaError
+from curvlake.errors import CorruptChunkError, IncompleteArtifactError, SchemaError
 from curvlake.lake import open_lake
 from curvlake.storage_schema import SPECS
 
@@ -90,3 +93,39 @@ def test_missing_array_fails_validation(tmp_path, kind):
         _write(writer, arrays, attrs)
     with pytest.raises(IncompleteArtifactError):
         lake.open(writer.id)
+
+
+def _damage(chunk: Path, damage: str) -> None:
+    raw = bytearray(chunk.read_bytes())
+    if damage == "delete":
+        chunk.unlink()
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(raw[: max(4, len(raw) // 2)]))
+    else:
+        raw[len(raw) // 2] ^= 0x04
+        chunk.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_damaged_chunk_is_detected(tmp_path, kind, damage):
+    """Every stored array of every kind: a damaged chunk fails validation and every read."""
+    lake = open_lake(tmp_path / "lake", create=True)
+    arrays, attrs = SPECS[kind].example()
+    writer = lake.begin(kind, {"case": "damage"})
+    _write(writer, arrays, attrs)
+    root = tmp_path / "lake" / kind / writer.id
+    for name, array in lake.group(writer.id).arrays():
+        if not array.size:
+            continue
+        chunk = sorted((root / name / "c").rglob("*"), key=lambda p: (p.is_dir(), str(p)))[0]
+        original = chunk.read_bytes()
+        _damage(chunk, damage)
+        named = f"artifact {writer.id}: .*array '{name}'"
+        with pytest.raises(CorruptChunkError, match=named):
+            lake.validate(writer.id)
+        with pytest.raises(CorruptChunkError, match=named):
+            lake.open(writer.id)[name].load()
+        with pytest.raises(CorruptChunkError, match=named):
+            lake.group(writer.id)[name][...]
+        chunk.write_bytes(original)
+    lake.validate(writer.id)

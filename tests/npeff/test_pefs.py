@@ -114,11 +114,16 @@ def test_layer_table_and_flat_params():
     for info, (_, p) in zip(table, named, strict=True):
         assert info.shape == tuple(p.shape)
         torch.testing.assert_close(theta[info.offset : info.offset + info.size], p.reshape(-1))
+    # θ is every parameter: a frozen one is a column like any other, with the same D-PEF.
     frozen = copy.deepcopy(model)
     frozen[0].weight.requires_grad_(False)
-    assert [t.name for t in pefs.layer_table(frozen)] == [n for n, _ in named][1:]
-    f = pefs.per_example_fisher_diag(frozen, _case("cnn")[1], dtype=DTYPE)
-    assert f.shape[1] == jac.shape[2] - named[0][1].numel()
+    assert pefs.layer_table(frozen) == table
+    torch.testing.assert_close(pefs.flat_params(frozen, dtype=DTYPE), theta, atol=0, rtol=0)
+    x = _case("cnn")[1]
+    for backend in BACKENDS:
+        f = pefs.per_example_fisher_diag(frozen, x, dtype=DTYPE, backend=backend)
+        expected = pefs.per_example_fisher_diag(model, x, dtype=DTYPE, backend=backend)
+        torch.testing.assert_close(f, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -49,6 +49,7 @@ from curvlake.errors import LakeError, UserInputError
 from curvlake.lake import Lake, open_lake
 from curvlake.lake.checkpoints import cached_model
 from curvlake.nn.datasets import Split
+from curvlake.nn.params import flat_tensor, unflatten
 from curvlake.pipelines.npeff.coeffs import gram
 from curvlake.pipelines.npeff.fit import components_matrix
 from curvlake.pipelines.train import cached_run_splits
@@ -148,22 +149,6 @@ def kl_divergence(logits_p: torch.Tensor | np.ndarray, logits_q: torch.Tensor | 
     return terms.sum(dim=-1).clamp_min(0).numpy()
 
 
-def _parameter_dict(model: torch.nn.Module, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Views of the flat vector ``theta`` shaped like ``model.named_parameters()``."""
-    params, offset = {}, 0
-    for name, param in model.named_parameters():
-        size = param.numel()
-        params[name] = theta[offset : offset + size].view(param.shape).to(param.dtype)
-        offset += size
-    if offset != theta.numel():
-        raise ValueError(f"theta has {theta.numel()} entries, the model {offset} parameters")
-    return params
-
-
-def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 def model_logits(
     model: torch.nn.Module,
     x: torch.Tensor | np.ndarray,
@@ -178,9 +163,9 @@ def model_logits(
     device; batches of ``batch_size`` examples.
     """
     first = next(model.parameters())
-    theta = _flat_parameters(model) if theta is None else torch.as_tensor(theta)
-    theta = theta.to(first.device)
-    params = _parameter_dict(model, theta)
+    if theta is None:
+        theta = flat_tensor(model)
+    params = unflatten(model, torch.as_tensor(theta).to(first.device, first.dtype))
     x = torch.as_tensor(x).to(first.device, first.dtype)
     out = []
     with torch.no_grad():
@@ -222,7 +207,7 @@ def perturbation_kl(
         batch_size: examples per forward pass.
     """
     first = next(model.parameters())
-    theta = _flat_parameters(model)
+    theta = flat_tensor(model)
     d = torch.as_tensor(direction).to(first.device, theta.dtype)
     if d.shape != theta.shape:
         raise ValueError(f"direction has shape {tuple(d.shape)}, theta {tuple(theta.shape)}")

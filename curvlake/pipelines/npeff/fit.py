@@ -35,25 +35,23 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
-from curvlake.engine import memory_budget, run_tasks
+from curvlake.constants import COEFF_METHODS, NMF_SOLVERS, NPEFF_KINDS
+from curvlake.engine import current_client, memory_budget, run_tasks
 from curvlake.errors import UserInputError
 from curvlake.lake import ArtifactWriter, Lake, open_lake
+from curvlake.lake._artifact import WORK_GROUP, create_work_array
 from curvlake.pipelines.npeff import lrm as lrm_solver
 from curvlake.pipelines.npeff import nmf as nmf_solver
 from curvlake.pipelines.npeff.coeffs import gram, nnls_gram, sparsify
+from curvlake.pipelines.skeleton import POSITIVE_INT, SEED, as_lake, require_artifact
 from curvlake.progress import progress_bar
-
-WORK = "_work"
-FIT_KINDS = ("diag", "lowrank")
-
+from curvlake.validation import Interval, Options, check, refuse_unused, validate_params
 
 # -- inputs --------------------------------------------------------------------------------------
 
 
 def _pefs(lake: Lake, pefs_id: str):
-    info = lake.info(pefs_id)
-    if info.kind != "pefs":
-        raise UserInputError(f"{pefs_id} is a {info.kind} artifact, not pefs")
+    require_artifact(lake, pefs_id, "pefs", role="PEF artifact (--pefs)")
     return lake.open(pefs_id)
 
 
@@ -66,11 +64,7 @@ def _store_block(block: Any, group: zarr.Group, b: int, done: zarr.Array) -> int
         ("indices", csr.indices.astype(np.int32)),
         ("indptr", csr.indptr.astype(np.int64)),
     ):
-        if name in sub.array_keys():
-            del sub[name]
-        sub.create_array(
-            name, shape=values.shape, chunks=(max(1, values.size),), dtype=values.dtype
-        )[...] = values
+        create_work_array(sub, name, values.shape, values.dtype, overwrite=True)[...] = values
     done[b] = 1
     return b
 
@@ -99,8 +93,7 @@ PERSIST_SHARE = 0.25
 
 def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool):
     """The normalized, pruned PEF matrix as a lazy Dask array of stored CSR column blocks."""
-    work = writer.group.require_group(WORK)
-    a_group = work.require_group("A")
+    a_group = writer.work_group("A")
     if "kept_columns" not in a_group.array_keys():
         n_params = int(pefs.attrs["n_parameters"])
         if pefs.attrs["storage"] == "topk":
@@ -126,13 +119,11 @@ def _column_blocks(writer: ArtifactWriter, pefs, block_size: int, progress: bool
             dask.compute(*stores)
             bar.update()
         a_group.attrs["widths"] = widths
-        a_group.create_array(
-            "kept_columns", shape=kept.shape, dtype="int64", chunks=(max(1, kept.size),)
-        )[...] = kept
+        create_work_array(a_group, "kept_columns", kept.shape, "int64")[...] = kept
     widths = [int(w) for w in a_group.attrs["widths"]]
     kept = np.asarray(a_group["kept_columns"][:])
     n = pefs.sizes["example"]
-    url = f"{writer.url}/{WORK}/A"
+    url = f"{writer.url}/{WORK_GROUP}/A"
     A = nmf_solver.dask_from_block_loader(
         functools.partial(_load_block, url, widths), n, widths, np.float32, name=f"A-{writer.id}"
     )
@@ -156,9 +147,7 @@ def _state_buffers(state_group: zarr.Group, n: int, r: int) -> dict[str, zarr.Ar
         for b in range(2):
             key = f"{name}{b}"
             if key not in existing:
-                state_group.create_array(
-                    key, shape=shapes[name], dtype="float64", chunks=shapes[name]
-                )
+                create_work_array(state_group, key, shapes[name], "float64")
             buffers[key] = state_group[key]
     return buffers
 
@@ -184,15 +173,14 @@ def _load_state(A, state_group: zarr.Group, buffers, H_buffers):
 
 def _fit_diag(writer, pefs, config: nmf_solver.NmfConfig, block_size: int, progress: bool):
     A, kept = _column_blocks(writer, pefs, block_size, progress)
-    work = writer.group[WORK]
-    state_group = work.require_group("state")
+    state_group = writer.work_group("state")
     r = config.n_components
     H_buffers = []
     for i in range(2):
         key = f"H{i}"
         if key not in state_group.array_keys():
-            state_group.create_array(
-                key, shape=(r, A.shape[1]), dtype="float32", chunks=(r, max(A.chunks[1]))
+            create_work_array(
+                state_group, key, (r, A.shape[1]), "float32", chunks=(r, max(A.chunks[1]))
             )
         H_buffers.append(state_group[key])
     buffers = _state_buffers(state_group, A.shape[0], r)
@@ -251,7 +239,7 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
         warnings.filterwarnings("ignore", message="Sending large graph")
         X = matrix.to_dask().persist()
     C = matrix.n_classes
-    state_group = writer.group.require_group(WORK).require_group("lrm_state")
+    state_group = writer.work_group("lrm_state")
     state = None
     meta = state_group.attrs.get("meta")
     if meta is not None:
@@ -288,9 +276,7 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
             value = np.asarray(value.compute() if isinstance(value, da.Array) else value)
             key = f"{name}{b}"
             if key not in buffers:
-                buffers[key] = state_group.create_array(
-                    key, shape=value.shape, dtype=value.dtype, chunks=value.shape or (1,)
-                )
+                buffers[key] = create_work_array(state_group, key, value.shape, value.dtype)
             buffers[key][...] = value
         state_group.attrs["meta"] = {**meta, "buffer": b}
         bar.update()
@@ -304,6 +290,16 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
 # -- entry points ----------------------------------------------------------------------------
 
 
+@validate_params(
+    {
+        "kind": [Options(*NPEFF_KINDS)],
+        "solver": [Options(*NMF_SOLVERS)],
+        "max_iter": [Interval(int, 0, None)],
+        "tol": [Interval(float, 0, None)],
+        "seed": SEED,
+        "block_size": POSITIVE_INT,
+    }
+)
 def run_npeff_fit(
     lake: Lake | str,
     pefs_id: str,
@@ -332,19 +328,15 @@ def run_npeff_fit(
         lrm_options: LRM-NPEFF settings (``n_iters_g_only``, ``learning_rate``, ``optimizer``,
             ``ortho_strength`` ...; see ``LrmConfig``); ``max_iter`` is its joint iterations.
     """
-    lake = open_lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
     pefs = _pefs(lake, pefs_id)
-    if kind not in FIT_KINDS:
-        raise UserInputError(f"kind={kind!r} is not one of: {', '.join(FIT_KINDS)}")
     n = pefs.sizes["example"]
-    if not isinstance(n_components, int) or not 1 <= n_components <= n:
-        raise UserInputError(
-            f"n_components must be an integer in 1..{n} (the number of "
-            f"examples), got {n_components!r}"
-        )
-    if not isinstance(block_size, int) or block_size < 1:
-        raise UserInputError(f"block_size must be a positive integer, got {block_size!r}")
+    check("n_components", n_components, Interval(int, 1, n), context=f"{pefs_id} has {n} examples")
     if kind == "diag":
+        refuse_unused(
+            "to --kind diag (D-NPEFF); LRM-NPEFF options need --kind lowrank",
+            lrm_options=lrm_options or None,
+        )
         if pefs.attrs["pef_kind"] != "diag":
             raise UserInputError(
                 f"{pefs_id} holds {pefs.attrs['pef_kind']} PEFs; D-NPEFF needs "
@@ -372,6 +364,7 @@ def run_npeff_fit(
     writer = lake.begin("npeff", config, [pefs_id])
     if writer.complete:
         return writer.id
+    current_client()  # inputs are checked: start the cluster of a lazy session now
     with writer:
         if kind == "diag":
             state, kept = _fit_diag(writer, pefs, fit_config, block_size, progress)
@@ -409,23 +402,31 @@ def run_npeff_fit(
             pefs=pefs_id,
             iterations=int(state.iteration),
         )
-        if WORK in writer.group.group_keys():
-            del writer.group[WORK]
     return writer.commit()
 
 
 def run_npeff_sparsify(lake: Lake | str, npeff_id: str, *, threshold: float) -> str:
     """Row-normalize H, move the scale into W, drop entries below ``threshold`` (CSR H)."""
-    lake = open_lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
+    require_artifact(lake, npeff_id, "npeff", role="NPEFF artifact")
     source = lake.open(npeff_id)
-    if source.attrs.get("curvlake:kind") != "npeff" or source.attrs.get("format") != "dense":
-        raise UserInputError(f"{npeff_id} is not a dense D-NPEFF artifact")
-    if not threshold >= 0:
-        raise UserInputError(f"threshold must be >= 0, got {threshold}")
+    if source.attrs.get("format") != "dense":
+        raise UserInputError(
+            f"{npeff_id} is a {source.attrs.get('format')} NPEFF artifact; sparsify takes a "
+            "dense D-NPEFF fit"
+        )
+    # Rows of H are normalized to unit L2 norm first, so entries lie in [0, 1].
+    check("threshold", threshold, Interval(float, 0, 1, closed="left"))
+    W, H = sparsify(source["W"].values, source["H"].data, threshold)
+    empty = np.flatnonzero(np.diff(H.indptr) == 0)
+    if empty.size:
+        raise UserInputError(
+            f"threshold={threshold} leaves component(s) {empty.tolist()[:10]} without any "
+            "entry; choose a smaller threshold (nothing was stored)"
+        )
     writer = lake.begin("npeff", {"sparsify_threshold": float(threshold)}, [npeff_id])
     if writer.complete:
         return writer.id
-    W, H = sparsify(source["W"].values, source["H"].data, threshold)
     writer.write("W", W)
     writer.write("H_data", np.asarray(H.values, dtype=np.float32))
     writer.write("H_indices", np.asarray(H.indices, dtype=np.int64))
@@ -493,6 +494,20 @@ def _coeff_block(lake_url, npeff_id, pefs_id, rows: slice, out, done, block, opt
     return block
 
 
+def _check_same_model(lake: Lake, fitted_pefs: str | None, new_pefs: str) -> None:
+    """The new PEFs must come from the run and checkpoint the components were fitted at."""
+    if not fitted_pefs:
+        return  # components imported without their PEFs: only the parameter count is known
+    fitted = lake.group(fitted_pefs).attrs
+    new = lake.group(new_pefs).attrs
+    for key in ("run", "checkpoint"):
+        if fitted.get(key) != new.get(key):
+            raise UserInputError(
+                f"{new_pefs} has {key} {new.get(key)!r} but the components were fitted on PEFs "
+                f"of {key} {fitted.get(key)!r} ({fitted_pefs}): coefficients need the same model"
+            )
+
+
 def run_npeff_coeffs(
     lake: Lake | str,
     npeff_id: str,
@@ -509,11 +524,16 @@ def run_npeff_coeffs(
     components' kept columns, solved from ``H Hᵀ`` and ``a_i Hᵀ``. The result is an ``npeff``
     artifact with the same components and the new W.
     """
-    lake = open_lake(lake) if isinstance(lake, str) else lake
+    lake = as_lake(lake)
+    require_artifact(lake, npeff_id, "npeff", role="NPEFF artifact")
     components = lake.open(npeff_id)
     pefs = _pefs(lake, pefs_id)
+    check("method", method, Options(*COEFF_METHODS))
+    check("max_iter", max_iter, *POSITIVE_INT)
+    check("block_size", block_size, *POSITIVE_INT)
     if components.attrs.get("format") not in ("dense", "csr"):
         raise UserInputError(f"{npeff_id} is not a D-NPEFF artifact")
+    _check_same_model(lake, components.attrs.get("pefs"), pefs_id)
     if pefs.attrs["pef_kind"] != "diag":
         raise UserInputError(f"{pefs_id} holds {pefs.attrs['pef_kind']} PEFs, need diag")
     if int(pefs.attrs["n_parameters"]) != int(components.attrs["n_parameters"]):
