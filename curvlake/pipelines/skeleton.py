@@ -114,9 +114,10 @@ class RunInput:
         if n_examples is None:
             return available
         check(
-            f"n_examples (the {split} split has {available})",
+            "n_examples",
             n_examples,
             Interval(int, 1, available),
+            context=f"the {split} split of run {self.run_id} has {available} examples",
         )
         return int(n_examples)
 

@@ -119,7 +119,7 @@ def test_jacobian_norms_of_an_imported_float64_model_equal_autograd(imported):
 
 
 def test_a_plain_module_with_its_state_dict(imported):
-    lake, run_id, net, tmp = imported
+    lake, run_id, _, tmp = imported
     torch.jit.script(nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).double()).save(
         tmp / "module.pt"
     )

@@ -16,7 +16,7 @@ import torch
 from curvlake.constants import DSF_MODES, PEF_KINDS, PEF_STORAGES
 from curvlake.engine import run_tasks
 from curvlake.errors import UserInputError
-from curvlake.lake import Lake
+from curvlake.lake import Lake, create_work_array
 from curvlake.pipelines.npeff import pefs as kernels
 from curvlake.pipelines.skeleton import (
     DTYPE,
@@ -75,7 +75,9 @@ def _pef_block(
             factors, norm = kernels.dense_lowrank(a, dtype=common["dtype"])
             outputs["factors"][rows] = factors.cpu().numpy()
         else:
-            values, class_index, indices, norm = kernels.topk_sparsify_lowrank(a, k, dtype=common["dtype"])
+            values, class_index, indices, norm = kernels.topk_sparsify_lowrank(
+                a, k, dtype=common["dtype"]
+            )
             outputs["values"][rows] = values.cpu().numpy()
             outputs["indices"][rows] = indices.cpu().numpy()
             outputs["class_index"][rows] = class_index.cpu().numpy()
@@ -247,7 +249,7 @@ def run_pefs(
     return writer.commit()
 
 
-def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed: int, dtype):
+def _dsf_block(lake_url, run_id, checkpoint, split, rows, mode, seed, dtype, out, done, b) -> int:
     block = load_block(lake_url, run_id, checkpoint, split, rows, dtype)
     total, count = kernels.dataset_fisher_diag_sum(
         block.model,
@@ -258,7 +260,10 @@ def _dsf_block(lake_url, run_id, checkpoint, split, rows: slice, mode: str, seed
         dtype=torch.float64,
         device=block.device,
     )
-    return total.cpu().numpy(), count
+    out["sums"][b] = total.cpu().numpy()
+    out["counts"][b] = count
+    done[b] = 1
+    return b
 
 
 @validate_params(
@@ -306,29 +311,38 @@ def run_dsf(
     if writer.complete:
         return writer.id
     blocks = block_slices(n, block_size)
-    sums: dict[int, np.ndarray] = {}
-
-    def collect(args, result):
-        sums[args[4].start] = result
-
-    run_tasks(
-        _dsf_block,
-        [(lake.url, run_id, checkpoint, split, rows, mode, seed, dtype) for rows in blocks],
-        description="DSF",
-        on_result=collect,
-        progress=progress,
-    )
-    total = sum(sums[start][0] for start in sorted(sums))
-    count = sum(sums[start][1] for start in sorted(sums))
-    fisher = total / count
-    writer.write("fisher", fisher.astype(dtype))
-    writer.set_attrs(
-        mode=mode,
-        n_examples=int(count),
-        run=run_id,
-        checkpoint=checkpoint,
-        n_parameters=int(fisher.size),
-    )
+    with writer:
+        # Block sums are kept in the work area (resume) and added in block order (determinism).
+        work = writer.work_group("sums")
+        out = {
+            "sums": create_work_array(
+                work, "sums", (len(blocks), run.n_params), "float64", chunks=(1, run.n_params)
+            )
+            if "sums" not in work.array_keys()
+            else work["sums"],
+            "counts": create_work_array(work, "counts", (len(blocks),), "int64", chunks=(1,))
+            if "counts" not in work.array_keys()
+            else work["counts"],
+        }
+        done = writer.progress("blocks", len(blocks))
+        tasks = [
+            (lake.url, run_id, checkpoint, split, blocks[b], mode, seed, dtype, out, done.array, b)
+            for b in done.pending()
+        ]
+        run_tasks(_dsf_block, tasks, description="DSF", progress=progress)
+        total = np.zeros(run.n_params)
+        for b in range(len(blocks)):
+            total += out["sums"][b]
+        count = int(np.asarray(out["counts"][:]).sum())
+        fisher = total / count
+        writer.write("fisher", fisher.astype(dtype))
+        writer.set_attrs(
+            mode=mode,
+            n_examples=count,
+            run=run_id,
+            checkpoint=checkpoint,
+            n_parameters=int(fisher.size),
+        )
     return writer.commit()
 
 

@@ -38,8 +38,8 @@ import zarr
 from curvlake.constants import COEFF_METHODS, NMF_SOLVERS, NPEFF_KINDS
 from curvlake.engine import current_client, memory_budget, run_tasks
 from curvlake.errors import UserInputError
-from curvlake.lake import ArtifactWriter, Lake, open_lake
-from curvlake.lake._artifact import WORK_GROUP, create_work_array
+from curvlake.lake import ArtifactWriter, Lake, create_work_array, open_lake
+from curvlake.lake._artifact import WORK_GROUP
 from curvlake.pipelines.npeff import lrm as lrm_solver
 from curvlake.pipelines.npeff import nmf as nmf_solver
 from curvlake.pipelines.npeff.coeffs import gram, nnls_gram, sparsify
