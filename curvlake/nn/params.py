@@ -81,7 +81,9 @@ class LayerTable:
         try:
             regex = re.compile(pattern)
         except re.error as error:
-            raise UserInputError(f"layer pattern {pattern!r} is not a regular expression: {error}")
+            raise UserInputError(
+                f"layer pattern {pattern!r} is not a regular expression: {error}"
+            ) from None
         chosen = [i for i, name in enumerate(self.names) if regex.search(name)]
         if not chosen:
             raise UserInputError(
@@ -93,7 +95,9 @@ class LayerTable:
     def fingerprint(self) -> str:
         """A short hash of names and shapes: two tables with equal fingerprints index the same
         coordinates the same way."""
-        text = ";".join(f"{n}:{','.join(map(str, s))}" for n, s in zip(self.names, self.shapes))
+        text = ";".join(
+            f"{n}:{','.join(map(str, s))}" for n, s in zip(self.names, self.shapes, strict=True)
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def shape_strings(self) -> np.ndarray:

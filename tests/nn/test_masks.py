@@ -113,7 +113,7 @@ def test_magnitude_accepts_torch_and_is_deterministic(table, theta):
         ({"size": 2.5}, "size=2.5 must be an integer"),
         ({"fraction": 1.5}, r"fraction=1.5 must be a number in \[0, 1\]"),
         ({"fraction": float("nan")}, "fraction=nan"),
-        ({"size": 3, "scope": "tensor"}, "scope='tensor' is not valid: must be one of global, layer"),
+        ({"size": 3, "scope": "tensor"}, "scope='tensor' is not valid: must be one of global"),
         ({"size": 3, "layers": "conv"}, "layer pattern 'conv' matches none"),
         ({"size": 3, "layers": "("}, "not a regular expression"),
     ],
