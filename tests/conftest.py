@@ -2,9 +2,12 @@
 
 import os
 
-import torch
-
-# One intra-op thread per process: the suite starts Dask workers and subprocesses beside
-# pytest, and oversubscribed BLAS threads make small models orders of magnitude slower.
+# One intra-op thread per process, set before numpy / torch load their BLAS: the suite starts
+# Dask workers and subprocesses beside pytest, and oversubscribed BLAS threads make small models
+# orders of magnitude slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
 torch.set_num_threads(1)

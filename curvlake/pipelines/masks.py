@@ -13,41 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from curvlake.errors import ArtifactNotFoundError, UserInputError
-from curvlake.lake import ArtifactWriter, Lake, kind_of, open_lake
-from curvlake.lake.checkpoints import _checkpoint_index
+from curvlake.errors import UserInputError
+from curvlake.lake import ArtifactWriter, Lake, kind_of
 from curvlake.nn.masks import ParameterMask, magnitude_counts
 from curvlake.nn.params import LayerTable, table_arrays, table_from_arrays
 from curvlake.pipelines.data import file_sha256
-
-
-def _as_lake(lake: Lake | str) -> Lake:
-    return open_lake(lake) if isinstance(lake, str) else lake
-
-
-def _check_kind(lake: Lake, artifact: str, kind: str | None = None) -> None:
-    """Refuse an unknown artifact or one of another kind (one line, before any staging)."""
-    try:
-        info = lake.info(artifact)
-    except ArtifactNotFoundError as error:
-        raise UserInputError(str(error)) from None
-    if kind is not None and info.kind != kind:
-        raise UserInputError(f"{artifact} is a {info.kind} artifact, not a {kind}")
-
-
-def _stored_table(group) -> LayerTable:
-    return table_from_arrays({name: group[name][:] for name in ("layer", "layer_shape")})
+from curvlake.pipelines.skeleton import as_lake, require_artifact, resolve_run
 
 
 def run_table(lake: Lake, run_id: str) -> LayerTable:
     """The layer table of a run's θ."""
-    return _stored_table(lake.group(run_id))
-
-
-def _checkpoint(lake: Lake, run_id: str, checkpoint: Any) -> int:
-    if not isinstance(checkpoint, (int, np.integer)) or isinstance(checkpoint, bool):
-        raise UserInputError(f"checkpoint={checkpoint!r} must be an integer index")
-    return _checkpoint_index(lake.group(run_id)["theta"].shape[0], int(checkpoint), run_id)
+    return resolve_run(lake, run_id, needs_data=False).layer_table()
 
 
 def _fill(writer: ArtifactWriter, mask: ParameterMask, attrs: Mapping[str, Any]) -> None:
@@ -92,10 +68,10 @@ def run_magnitude_mask(
         UserInputError: an unknown run, another kind of artifact, a bad checkpoint, or bad
             options (exactly one of ``size`` / ``fraction``, ranges, scope, pattern).
     """
-    lake = _as_lake(lake)
-    _check_kind(lake, run_id, "run")
-    index = _checkpoint(lake, run_id, checkpoint)
-    table = run_table(lake, run_id)
+    lake = as_lake(lake)
+    run = resolve_run(lake, run_id, needs_data=False)
+    index = run.checkpoint_index(checkpoint)
+    table = run.layer_table()
     magnitude_counts(table, size=size, fraction=fraction, scope=scope, layers=layers)
     config = {
         "source": "magnitude",
@@ -130,10 +106,10 @@ def import_mask(lake: Lake | str, path: str | Path, run_id: str) -> str:
         UserInputError: an unknown run, another kind of artifact, or a file that is not a
             valid mask of the run's parameters.
     """
-    lake = _as_lake(lake)
-    _check_kind(lake, run_id, "run")
+    lake = as_lake(lake)
+    table = run_table(lake, run_id)
     path = Path(path)
-    mask = ParameterMask.from_file(path, run_table(lake, run_id))
+    mask = ParameterMask.from_file(path, table)
     config = {"source": "file", "file_sha256": file_sha256(path), "format": path.suffix[1:]}
     writer = lake.begin("mask", config, [run_id])
     if writer.complete:
@@ -176,7 +152,7 @@ def write_mask(
         UserInputError: no run, an unknown run or input, a mask of another parameter space,
             a config whose ``source`` differs.
     """
-    lake = _as_lake(lake)
+    lake = as_lake(lake)
     if not isinstance(mask, ParameterMask):
         raise UserInputError(f"write_mask needs a ParameterMask, got {type(mask).__name__}")
     if not isinstance(source, str) or not source:
@@ -188,17 +164,17 @@ def write_mask(
         run = next((i for i in inputs if kind_of(i) == "run"), None)
         if run is None:
             raise UserInputError("write_mask needs run= or a run among inputs")
-    _check_kind(lake, run, "run")
+    run_input = resolve_run(lake, run, needs_data=False)
     for artifact in inputs:
-        _check_kind(lake, artifact)
-    table = run_table(lake, run)
+        lake.info(artifact)  # a clear error for an unknown input
+    table = run_input.layer_table()
     if mask.table.fingerprint != table.fingerprint:
         raise UserInputError(
             f"the mask indexes parameters {mask.table.fingerprint} ({mask.table.total}), "
             f"run {run} has {table.fingerprint} ({table.total})"
         )
     if checkpoint is not None:
-        checkpoint = _checkpoint(lake, run, checkpoint)
+        checkpoint = run_input.checkpoint_index(checkpoint)
     writer = lake.begin("mask", {**config, "source": source}, inputs)
     if writer.complete:
         return writer.id
@@ -210,7 +186,8 @@ def write_mask(
 
 def load_mask(lake: Lake | str, mask_id: str) -> ParameterMask:
     """The :class:`ParameterMask` of a ``mask`` artifact."""
-    lake = _as_lake(lake)
-    _check_kind(lake, mask_id, "mask")
+    lake = as_lake(lake)
+    require_artifact(lake, mask_id, "mask", role="mask")
     group = lake.group(mask_id)
-    return ParameterMask(_stored_table(group), np.asarray(group["index"][:], dtype=np.int64))
+    table = table_from_arrays({name: group[name][:] for name in ("layer", "layer_shape")})
+    return ParameterMask(table, np.asarray(group["index"][:], dtype=np.int64))

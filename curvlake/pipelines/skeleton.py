@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from curvlake.nn.datasets import Split, Splits
+    from curvlake.nn.params import LayerTable
 
 
 def as_lake(lake: Lake | str) -> Lake:
@@ -45,8 +46,8 @@ def require_artifact(lake: Lake, artifact_id: str, kind: str, role: str = "input
     info = lake.info(artifact_id)
     if info.kind != kind:
         raise UserInputError(
-            f"{artifact_id} is a {info.kind} artifact; the {role} must be a {kind} "
-            f"(list them with `curvlake lake ls --kind {kind}`)"
+            f"{artifact_id} is a {info.kind} artifact, not a {kind} (the {role}; list them "
+            f"with `curvlake lake ls --kind {kind}`)"
         )
     if info.status != "complete":
         raise IncompleteArtifactError(
@@ -95,6 +96,18 @@ class RunInput:
         if len(set(chosen)) != len(chosen):
             raise UserInputError(f"checkpoints={list(checkpoints)} names a checkpoint twice")
         return chosen
+
+    def layer_table(self) -> LayerTable:
+        """The layer table of the run's θ (where each tensor lives in the flat vector)."""
+        from curvlake.nn.params import table_from_arrays
+
+        group = open_lake(self.lake_url).group(self.run_id)
+        return table_from_arrays({name: group[name][:] for name in ("layer", "layer_shape")})
+
+    def theta(self, checkpoint: int) -> np.ndarray:
+        """θ of a checkpoint (index checked), in the stored dtype."""
+        index = self.checkpoint_index(checkpoint)
+        return np.asarray(open_lake(self.lake_url).group(self.run_id)["theta"][index])
 
     def splits(self) -> Splits:
         """The data splits the run is analysed on (cached per process)."""
