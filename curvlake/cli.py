@@ -15,7 +15,8 @@ import click
 from curvlake import __version__
 from curvlake._cli import data, lake, masks, npeff, pefs, quickstart, runs, stats, train
 from curvlake._cli.common import DEFAULT_LAKE, CurvlakeGroup, Settings
-from curvlake.engine import CLUSTERS
+from curvlake.engine import CLUSTERS, SLURM_JOB_TIMEOUT
+from curvlake.errors import UserInputError
 
 
 @click.group(cls=CurvlakeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,10 +39,78 @@ from curvlake.engine import CLUSTERS
     help="Cluster to start when no scheduler is given.",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Number of workers (or SLURM jobs).")
+@click.option(
+    "--slurm-cores",
+    type=click.IntRange(min=1),
+    help="--cluster slurm: cores per job (#SBATCH --cpus-per-task) [jobqueue.slurm.cores].",
+)
+@click.option(
+    "--slurm-memory",
+    help="--cluster slurm: memory per job, e.g. 16GB (#SBATCH --mem) [jobqueue.slurm.memory].",
+)
+@click.option(
+    "--slurm-walltime",
+    help="--cluster slurm: time limit per job, e.g. 02:00:00 (#SBATCH -t) "
+    "[jobqueue.slurm.walltime, default 00:30:00].",
+)
+@click.option(
+    "--slurm-partition", help="--cluster slurm: partition (#SBATCH -p) [jobqueue.slurm.queue]."
+)
+@click.option(
+    "--slurm-account",
+    help="--cluster slurm: account charged (#SBATCH -A) [jobqueue.slurm.account].",
+)
+@click.option(
+    "--slurm-directive",
+    multiple=True,
+    help="--cluster slurm: another sbatch option, e.g. --slurm-directive=--gres=gpu:1 "
+    "(repeatable; replaces jobqueue.slurm.job-extra-directives).",
+)
+@click.option(
+    "--slurm-processes",
+    type=click.IntRange(min=1),
+    help="--cluster slurm: Dask worker processes per job, sharing its cores "
+    "[jobqueue.slurm.processes, default about sqrt(cores)].",
+)
+@click.option(
+    "--slurm-job-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"--cluster slurm: seconds to wait for the first job's worker (default {SLURM_JOB_TIMEOUT:g}).",
+)
 @click.pass_context
-def cli(ctx, lake_url, scheduler, scheduler_file, cluster, workers):
-    """curvlake: look inside trained networks, with every artifact in a Zarr lake."""
-    ctx.obj = Settings(lake_url, scheduler, scheduler_file, cluster, workers)
+def cli(ctx, lake_url, scheduler, scheduler_file, cluster, workers, **slurm_options):
+    """curvlake: look inside trained networks, with every artifact in a Zarr lake.
+
+    Settings in [brackets] can live in dask-jobqueue's ~/.config/dask/jobqueue.yaml instead.
+    """
+    given = ", ".join(
+        "--" + name.replace("_", "-") for name, value in slurm_options.items() if value
+    )
+    if given and cluster != "slurm":
+        raise UserInputError(f"{given}: only with --cluster slurm (not --cluster {cluster})")
+    if given and (scheduler or scheduler_file):
+        raise UserInputError(
+            f"{given}: not with --scheduler/--scheduler-file (an existing cluster)"
+        )
+    directives = slurm_options["slurm_directive"]
+    slurm = {
+        "cores": slurm_options["slurm_cores"],
+        "memory": slurm_options["slurm_memory"],
+        "walltime": slurm_options["slurm_walltime"],
+        "queue": slurm_options["slurm_partition"],
+        "account": slurm_options["slurm_account"],
+        "job_extra_directives": list(directives) if directives else None,
+        "processes": slurm_options["slurm_processes"],
+    }
+    ctx.obj = Settings(
+        lake_url,
+        scheduler,
+        scheduler_file,
+        cluster,
+        workers,
+        slurm={name: value for name, value in slurm.items() if value is not None},
+        slurm_job_timeout=slurm_options["slurm_job_timeout"],
+    )
 
 
 for command in (

@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -48,7 +52,8 @@ def get_client(
     """Connect to or start the Dask cluster that runs pipelines.
 
     Order: an existing scheduler (``address`` or ``scheduler_file``); else ``cluster``:
-    ``slurm`` (dask-jobqueue ``SLURMCluster``; ``cluster_kwargs`` go to it, ``n_workers`` jobs),
+    ``slurm`` (dask-jobqueue ``SLURMCluster``, ``n_workers`` jobs; ``cluster_kwargs`` are the
+    job settings of :func:`slurm_cluster_kwargs` and ``job_timeout``, see :func:`start_slurm`),
     ``cuda`` (dask-cuda ``LocalCUDACluster``, one worker per GPU, ``GPU`` resource), ``local``
     (``LocalCluster`` of processes sized to the machine), ``sync`` (no cluster: returns None and
     computations run in this process). ``auto`` picks ``cuda`` when GPUs and dask-cuda are
@@ -58,7 +63,8 @@ def get_client(
         A ``distributed.Client`` (closing it closes a cluster it started), or None for ``sync``.
 
     Raises:
-        UserInputError: an unknown cluster name, or a cluster whose package is not installed.
+        UserInputError: an unknown cluster name, a cluster whose package is not installed, or
+            SLURM jobs that cannot be described, submitted or started.
     """
     if cluster not in CLUSTERS:
         raise UserInputError(f"unknown cluster {cluster!r}; choose one of {', '.join(CLUSTERS)}")
@@ -73,15 +79,7 @@ def get_client(
     if cluster == "auto":
         cluster = "cuda" if _gpu_count() and _has_module("dask_cuda") else "local"
     if cluster == "slurm":
-        if not _has_module("dask_jobqueue"):
-            raise UserInputError(
-                "--cluster slurm needs dask-jobqueue: pip install 'curvlake[slurm]'"
-            )
-        from dask_jobqueue import SLURMCluster
-
-        slurm = SLURMCluster(**cluster_kwargs)
-        slurm.scale(jobs=n_workers or 1)
-        return Client(slurm)
+        return start_slurm(n_workers or 1, **cluster_kwargs)
     if cluster == "cuda":
         if not _has_module("dask_cuda") or not _gpu_count():
             raise UserInputError(
@@ -107,6 +105,300 @@ def get_client(
         **cluster_kwargs,
     )
     return Client(local)
+
+
+# -- SLURM (dask-jobqueue) ---------------------------------------------------------------------
+
+#: Seconds ``--cluster slurm`` waits, by default, for the first job to start its worker.
+SLURM_JOB_TIMEOUT = 300.0
+
+#: Job setting -> (its command-line option, its key under ``jobqueue.slurm`` in dask's config).
+SLURM_SETTINGS = {
+    "cores": ("--slurm-cores", "cores"),
+    "memory": ("--slurm-memory", "memory"),
+    "walltime": ("--slurm-walltime", "walltime"),
+    "queue": ("--slurm-partition", "queue"),
+    "account": ("--slurm-account", "account"),
+    "job_extra_directives": ("--slurm-directive", "job-extra-directives"),
+    "processes": ("--slurm-processes", "processes"),
+}
+
+# SLURM's time formats: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_WALLTIME = re.compile(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)")
+
+# squeue states of a job that will never start its worker.
+_ENDED_STATES = (
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "REVOKED",
+    "TIMEOUT",
+)
+
+
+def _jobqueue_file() -> str:
+    """Where dask-jobqueue's configuration file is, as a user would type it."""
+    path = os.path.join(dask.config.PATH, "jobqueue.yaml")
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
+def _slurm_where(name: str, explicit: bool) -> str:
+    option, key = SLURM_SETTINGS[name]
+    return option if explicit else f"jobqueue.slurm.{key} in {_jobqueue_file()}"
+
+
+def _check_slurm_value(name: str, value: Any, where: str) -> None:
+    """Refuse a job setting that sbatch or dask-jobqueue would trip over later."""
+    from dask.utils import parse_bytes
+
+    if name in ("cores", "processes"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{where} must be a whole number >= 1, got {value!r}")
+    elif name == "memory":
+        try:
+            valid = parse_bytes(value) > 0
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise UserInputError(f"{where} {value!r} is not a memory size like 4GB or 500MiB")
+    elif name == "walltime":
+        if not _WALLTIME.fullmatch(str(value)):
+            raise UserInputError(
+                f"{where} {value!r} is not a SLURM time (MINUTES, HH:MM:SS or D-HH:MM:SS)"
+            )
+    elif name in ("queue", "account"):
+        if not isinstance(value, str) or not value or value.split() != [value]:
+            raise UserInputError(f"{where} {value!r} must be one word")
+    elif name == "job_extra_directives":
+        for directive in [value] if isinstance(value, str) else value:
+            if not isinstance(directive, str) or not directive.startswith("-"):
+                raise UserInputError(
+                    f"{where} {directive!r} is not an sbatch option like --gres=gpu:1 "
+                    "(what follows #SBATCH)"
+                )
+
+
+def slurm_cluster_kwargs(
+    *,
+    cores: int | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
+    queue: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    job_extra_directives: Sequence[str] | None = None,
+    processes: int | None = None,
+    python: str | None = None,
+    local_directory: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of dask-jobqueue's ``SLURMCluster`` for these job settings.
+
+    A setting given here overrides dask-jobqueue's configuration (``jobqueue.slurm.*``, read
+    from ``~/.config/dask/jobqueue.yaml``; ``job_extra_directives`` replaces the configured
+    list); one left None is taken from there by ``SLURMCluster``. Starts nothing.
+
+    Args:
+        cores: cores per job (``#SBATCH --cpus-per-task``), shared by its worker processes.
+        memory: memory per job (``#SBATCH --mem``), e.g. ``"16GB"``.
+        walltime: time limit per job (``#SBATCH -t``), e.g. ``"02:00:00"``.
+        queue, partition: the partition (``#SBATCH -p``); ``partition`` is SLURM's word.
+        account: the account charged (``#SBATCH -A``).
+        job_extra_directives: more sbatch options, one ``#SBATCH`` line each
+            (``["--gres=gpu:1", "--constraint=a100"]``).
+        processes: Dask worker processes per job (default about sqrt(cores)).
+        python: the Python that runs the workers on the compute nodes (default: this one).
+        local_directory: worker scratch space on the nodes (e.g. ``$TMPDIR``).
+        extra: other ``SLURMCluster`` arguments (``interface``, ``log_directory``,
+            ``job_script_prologue``, ``scheduler_options``...), passed on as they are.
+
+    Raises:
+        UserInputError: cores or memory set nowhere, or a setting SLURM would refuse; the
+            message names the command-line option or the configuration key to fix.
+    """
+    if queue is not None and partition is not None and queue != partition:
+        raise UserInputError(f"two partitions given: queue={queue!r} and partition={partition!r}")
+    explicit = {
+        "cores": cores,
+        "memory": memory,
+        "walltime": walltime,
+        "queue": queue if queue is not None else partition,
+        "account": account,
+        "job_extra_directives": (
+            list(job_extra_directives) if job_extra_directives is not None else None
+        ),
+        "processes": processes,
+    }
+    resolved = {}
+    for name, value in explicit.items():
+        key = SLURM_SETTINGS[name][1]
+        resolved[name] = (
+            value if value is not None else dask.config.get(f"jobqueue.slurm.{key}", None)
+        )
+    missing = [name for name in ("cores", "memory") if resolved[name] is None]
+    if missing:
+        options = " and ".join(SLURM_SETTINGS[name][0] for name in missing)
+        keys = " and ".join(f"jobqueue.slurm.{SLURM_SETTINGS[name][1]}" for name in missing)
+        raise UserInputError(f"SLURM jobs need {options} (or {keys} in {_jobqueue_file()})")
+    for name, value in resolved.items():
+        if value is not None:
+            _check_slurm_value(name, value, _slurm_where(name, explicit[name] is not None))
+    if resolved["processes"] is not None and resolved["processes"] > resolved["cores"]:
+        raise UserInputError(
+            f"{_slurm_where('processes', processes is not None)} ({resolved['processes']}) "
+            f"exceeds the cores per job ({resolved['cores']}): each worker process needs a core"
+        )
+    kwargs = {name: value for name, value in explicit.items() if value is not None}
+    if python is not None:
+        kwargs["python"] = python
+    if local_directory is not None:
+        kwargs["local_directory"] = local_directory
+    kwargs.update(extra)
+    # Passing scheduler_options replaces the configured ones: merge them instead. A free
+    # dashboard port, as for local clusters: a fixed one clashes when two commands run.
+    kwargs["scheduler_options"] = {
+        "dashboard_address": ":0",
+        **(dask.config.get("jobqueue.slurm.scheduler-options", None) or {}),
+        **extra.get("scheduler_options", {}),
+    }
+    return kwargs
+
+
+def start_slurm(n_jobs: int, job_timeout: float = SLURM_JOB_TIMEOUT, **settings: Any):
+    """Submit ``n_jobs`` SLURM jobs of Dask workers and wait until the first worker joins.
+
+    ``settings`` are those of :func:`slurm_cluster_kwargs`. Pipelines can then size their work
+    to the workers (:func:`memory_budget`, :func:`gpu_resources`); jobs still queued join
+    later. While waiting, ``squeue`` tells whether every job already ended (a worker that
+    could not start), which is reported at once rather than at the timeout.
+
+    Returns:
+        A ``distributed.Client`` of the ``SLURMCluster``; closing both cancels the jobs.
+
+    Raises:
+        UserInputError: dask-jobqueue or sbatch missing, job settings missing or refused, an
+            sbatch failure, every job ended, or no worker within ``job_timeout`` seconds.
+    """
+    if not _has_module("dask_jobqueue"):
+        raise UserInputError("--cluster slurm needs dask-jobqueue: pip install 'curvlake[slurm]'")
+    if not job_timeout > 0:
+        raise UserInputError(f"--slurm-job-timeout must be > 0 seconds, got {job_timeout!r}")
+    kwargs = slurm_cluster_kwargs(**settings)
+    if shutil.which("sbatch") is None:
+        raise UserInputError(
+            "--cluster slurm submits jobs with sbatch, which is not on PATH: run curvlake on a "
+            "SLURM login node"
+        )
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    try:
+        slurm = SLURMCluster(**kwargs)
+    except (ValueError, OSError) as error:
+        raise UserInputError(f"cannot set up the SLURM cluster: {_first_line(error)}") from None
+    try:
+        _submit_jobs(slurm, n_jobs)
+        client = Client(slurm)
+        try:
+            log_directory = kwargs.get("log_directory") or dask.config.get(
+                "jobqueue.slurm.log-directory", None
+            )
+            _wait_for_a_worker(client, slurm, job_timeout, log_directory)
+        except BaseException:
+            client.close()
+            raise
+    except BaseException:
+        slurm.close()
+        raise
+    return client
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _submit_jobs(slurm, n_jobs: int) -> None:
+    """``sbatch`` the jobs now, turning a failed submission into one line."""
+    slurm.scale(jobs=n_jobs)
+    try:
+        # scale() submits in the background, where a failed sbatch is only logged: wait for
+        # the submissions here so that a failure is raised.
+        slurm.sync(slurm._correct_state)
+    except RuntimeError as error:  # dask-jobqueue: the command exited non-zero
+        text = str(error)
+        code = re.search(r"Exit code: (\S+)", text)
+        stderr = [line.strip() for line in text.partition("stderr:")[2].splitlines()]
+        reason = "; ".join(line for line in stderr if line)[:300] or "no message"
+        raise UserInputError(
+            f"sbatch failed (exit {code.group(1) if code else '?'}): {reason}"
+        ) from None
+    except (OSError, ValueError) as error:  # sbatch not runnable, or no job id in its output
+        raise UserInputError(f"sbatch failed: {_first_line(error)}") from None
+
+
+def _squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """The state of each of ``job_ids`` that squeue still lists, or None if squeue cannot tell
+    (not on PATH, the controller not answering)."""
+    try:
+        done = subprocess.run(
+            ["squeue", "--noheader", "--format=%i %T", "--jobs=" + ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        # squeue refuses ids it has forgotten: jobs that ended a while ago.
+        return {} if "Invalid job id" in done.stderr else None
+    states = {}
+    for line in done.stdout.splitlines():
+        job_id, _, state = line.strip().partition(" ")
+        if job_id in job_ids:
+            states[job_id] = state.strip()
+    return states
+
+
+def _wait_for_a_worker(client, slurm, timeout: float, log_directory: str | None) -> None:
+    """Return when a worker has joined; raise when every job ended or at the timeout."""
+    deadline = time.monotonic() + timeout
+    interval = 1.0  # between squeue calls, growing: the SLURM controller is shared
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=max(0.1, min(interval, deadline - time.monotonic())))
+            return
+        except TimeoutError:
+            pass
+        job_ids = sorted({job.job_id for job in slurm.workers.values() if job.job_id})
+        states = _squeue_states(job_ids) if job_ids else None
+        jobs = ", ".join(job_ids) or "none submitted"
+        if states is not None and not any(
+            not state.startswith(_ENDED_STATES) for state in states.values()
+        ):
+            output = (
+                f"{log_directory}/*-{job_ids[0]}.err"
+                if log_directory
+                else f"slurm-{job_ids[0]}.out"
+            )
+            ended = ", ".join(f"{i} ({states.get(i, 'gone')})" for i in job_ids)
+            raise UserInputError(
+                f"SLURM job(s) {ended} ended before a Dask worker joined: see {output}"
+            )
+        if time.monotonic() >= deadline:
+            if states:
+                jobs = ", ".join(f"{i} ({states.get(i, 'gone')})" for i in job_ids)
+            raise UserInputError(
+                f"no Dask worker joined within {timeout:g} s (SLURM job(s) {jobs}): wait longer "
+                "with --slurm-job-timeout, or see squeue and the jobs' output"
+            )
+        interval = min(2 * interval, 10.0)
 
 
 #: How long to wait for an existing scheduler before saying it cannot be reached.

@@ -4,14 +4,14 @@ options used by several commands (defined once here, so they read and behave the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
 from curvlake.constants import DTYPES, SPLITS
-from curvlake.engine import client_session
+from curvlake.engine import client_session, slurm_cluster_kwargs
 from curvlake.errors import CurvlakeError
 from curvlake.lake import Lake, open_lake
 
@@ -37,18 +37,28 @@ class Settings:
     scheduler_file: str | None
     cluster: str
     workers: int | None
+    #: ``--cluster slurm`` job settings (:func:`curvlake.engine.slurm_cluster_kwargs`).
+    slurm: dict[str, Any] = field(default_factory=dict)
+    slurm_job_timeout: float | None = None
 
     def lake(self, create: bool = False) -> Lake:
         return open_lake(self.lake_url, create=create)
 
     def cluster_session(self):
         """The Dask cluster of a pipeline, started when the pipeline first submits work."""
+        slurm: dict[str, Any] = {}
+        if self.cluster == "slurm" and not (self.scheduler or self.scheduler_file):
+            slurm_cluster_kwargs(**self.slurm)  # missing job settings: refused before any work
+            slurm = dict(self.slurm)
+            if self.slurm_job_timeout is not None:
+                slurm["job_timeout"] = self.slurm_job_timeout
         return client_session(
             lazy=True,
             address=self.scheduler,
             scheduler_file=self.scheduler_file,
             cluster=self.cluster,
             n_workers=self.workers,
+            **slurm,
         )
 
 

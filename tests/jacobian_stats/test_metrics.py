@@ -5,6 +5,7 @@ re-implemented here, and ``torch.linalg.matrix_norm``; plus a linear model whose
 are set by construction.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from curvlake.pipelines.jacobian_stats.metrics import (
     input_jacobian,
     jacobian_norms,
     lanczos_operator_norm,
+    output_map,
     start_vectors,
 )
 
@@ -229,6 +231,131 @@ def test_float32_fast_path_matches_float64():
     op32 = compute_metric(m32, x.float(), y, metric="jacobian_operator")
     assert op32.dtype == torch.float32
     _close(op32.double(), ref.operator, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# confident examples: float32 against float64 where 1 - p_max is far below float32's resolution
+
+
+def _confident(kind, one_minus_p, n=8):
+    """Float64 model and inputs, both float32-representable, with 1 - p_0 ~ one_minus_p.
+
+    The last bias puts the median example exactly at ``one_minus_p``; labels are the confident
+    class 0 for half of the examples (their target row is O(1 - p_0)) and others for the rest.
+    """
+    model, shape = (_mlp(k=5), MLP_SHAPE) if kind == "mlp" else (_cnn(), CNN_SHAPE)
+    model = model.float().double()
+    x, _ = _data(shape, n, 5)
+    x = x.float().double()
+    with torch.no_grad():
+        z = model(x)
+        log_odds = torch.logsumexp(z[:, 1:] - z[:, :1], dim=-1)  # log((1 - p_0) / p_0)
+        model[-1].bias[0] += float(log_odds.median()) - math.log(one_minus_p)
+        p = torch.softmax(model(x), dim=-1)
+    rest = p[:, 1:].sum(-1)  # 1 - p_0 without cancellation
+    assert bool(((rest > one_minus_p / 3) & (rest < 3 * one_minus_p)).all())
+    y = torch.where(torch.arange(n) < n // 2, 0, torch.arange(n) % 4 + 1)
+    return model, x, y
+
+
+def _difference_reference(model, x, y, normalization, target_only):
+    """``J = A J_f`` from the dense logit Jacobian, row i of ``(I - 1 p^T) J_f`` formed as
+    ``sum_c p_c (J_{f,i} - J_{f,c})``: accurate in float64 whatever ``1 - p_max``."""
+    jac = _reference_jacobians(model, x, y)
+    z = model(x).detach()
+    p = torch.exp(z - torch.logsumexp(z, -1, keepdim=True))
+    rows = (p[:, None, :, None] * (jac[:, :, None, :] - jac[:, None, :, :])).sum(2)
+    if normalization == "softmax":
+        rows = p[..., None] * rows
+    elif normalization == "crossentropy":
+        rows = -rows
+    if target_only or normalization == "crossentropy":
+        rows = rows[torch.arange(x.shape[0]), y][:, None]
+    return rows
+
+
+CONFIDENT_MAPS = [
+    ("softmax", False),
+    ("softmax", True),
+    ("logsoftmax", False),
+    ("logsoftmax", True),
+    ("crossentropy", False),
+]
+
+
+@pytest.mark.parametrize(("normalization", "target_only"), CONFIDENT_MAPS)
+def test_difference_reference_matches_autograd_reference(normalization, target_only):
+    model, x, y = _confident("mlp", 1e-3)
+    ref = _reference_jacobians(model, x, y, normalization, target_only)
+    _close(_difference_reference(model, x, y, normalization, target_only), ref, atol=1e-15)
+
+
+@pytest.mark.parametrize("one_minus_p", [1e-6, 1e-30])
+@pytest.mark.parametrize(("normalization", "target_only"), CONFIDENT_MAPS)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_confident_float32_norms_match_float64(kind, normalization, target_only, one_minus_p):
+    # float32 rounds p_0 to within 6e-8 of 1 (to 1 itself for 1e-30): torch.softmax's backward
+    # was off by up to 6% per example at 1e-6; the scale 1e-30 would be subnormal in float32
+    model, x, y = _confident(kind, one_minus_p)
+    ref_op, ref_fro = _ref_norms(_difference_reference(model, x, y, normalization, target_only))
+    kw = dict(normalization=normalization, target_only=target_only)
+    for m, xx, rtol in ((copy.deepcopy(model).float(), x.float(), 1e-4), (model, x, 1e-9)):
+        op, fro = _both(m, xx, y, **kw)
+        lanczos = compute_metric(
+            m, xx, y, metric="jacobian_operator", method="lanczos", rtol=1e-12, **kw
+        )
+        assert op.dtype == fro.dtype == lanczos.dtype == xx.dtype
+        _close(op.double(), ref_op, rtol=rtol)
+        _close(fro.double(), ref_fro, rtol=rtol)
+        _close(lanczos.double(), ref_op, rtol=rtol)
+    jac32 = input_jacobian(copy.deepcopy(model).float(), x.float(), y, **kw)
+    assert jac32.dtype == torch.float32
+    _close(_ref_norms(jac32.double())[1], ref_fro, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("normalization", "target_only"), CONFIDENT_MAPS)
+def test_output_map_derivatives_are_stable_in_float32(normalization, target_only):
+    # the public map F, differentiated by autograd in reverse and in forward mode
+    model, x, y = _confident("mlp", 1e-6)
+    ref = _difference_reference(model, x, y, normalization, target_only)
+    fmap = output_map(
+        copy.deepcopy(model).float(), normalization=normalization, target_only=target_only
+    )
+    for jacobian in (torch.func.jacrev, torch.func.jacfwd):
+        for i in range(x.shape[0]):
+            jac = jacobian(lambda xi, i=i: fmap(xi[None], y[i : i + 1])[0])(x[i].float())
+            _close(
+                torch.linalg.matrix_norm(jac.reshape(ref.shape[1:]).double()),
+                torch.linalg.matrix_norm(ref[i]),
+                rtol=1e-4,
+            )
+
+
+@pytest.mark.parametrize("one_minus_p", [1e-6, 1e-30])
+def test_confident_forward_metrics_float32(one_minus_p):
+    model, x, y = _confident("cnn", one_minus_p)
+    z = model(x).detach()
+    is_y = torch_f.one_hot(y, 5).bool()
+    z_y = z.gather(-1, y[:, None])
+    ce = torch.log1p(torch.exp(z - z_y).masked_fill(is_y, 0.0).sum(-1))  # log sum_c e^(z_c - z_y)
+    p = torch.exp(z - torch.logsumexp(z, -1, keepdim=True))
+    rest = p.masked_fill(is_y, 0.0)
+    conf = torch.sqrt((rest**2).sum(-1) + rest.sum(-1) ** 2)  # ||p - e_y||, with 1 - p_y = sum rest
+    m32 = copy.deepcopy(model).float()
+    _close(compute_metric(m32, x.float(), y, metric="cross_entropy").double(), ce, rtol=1e-4)
+    _close(compute_metric(m32, x.float(), y, metric="confidence").double(), conf, rtol=1e-4)
+    _close(compute_metric(model, x, y, metric="cross_entropy"), ce, rtol=1e-10)
+    _close(compute_metric(model, x, y, metric="confidence"), conf, rtol=1e-10)
+
+
+def test_float32_lanczos_tiny_operator_norm():
+    # J J^T u ~ sigma^2 = 1e-42 is subnormal in float32; the products run on unit vectors
+    s = [3e-21, 1e-21, 1e-22]
+    model, _ = _linear_with_singular_values(s)
+    x, y = _data((3, 4, 4), 4, len(s))
+    m32 = model.float()
+    lz = compute_metric(m32, x.float(), y, metric="jacobian_operator", method="lanczos")
+    _close(lz.double(), torch.full((4,), max(s), dtype=F64), rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,3 +611,9 @@ def test_gram_norms_wide_and_tall():
         _close(norms.operator, torch.linalg.matrix_norm(m, ord=2))
         _close(norms.frobenius, torch.linalg.matrix_norm(m))
     _close(gram_norms(torch.zeros(2, 3, 4, dtype=F64)).operator, torch.zeros(2, dtype=F64))
+    left = torch.randn(4, 5, 3, generator=g, dtype=F64) * 1e-30  # below float32's range
+    jac = torch.randn(4, 3, 8, generator=g, dtype=F64)
+    norms = gram_norms(jac.float(), left)
+    product = left @ jac.float().double()
+    _close(norms.operator, torch.linalg.matrix_norm(product, ord=2))
+    _close(norms.frobenius, torch.linalg.matrix_norm(product))

@@ -20,6 +20,14 @@ and one batched backward pass with the K' one-hot cotangents ``e_k`` (``torch.fu
 matrix ``J J^T`` is then formed and diagonalized in float64. For large K' the matrix-free
 Lanczos iteration (``method='lanczos'``) needs only Jacobian-vector products.
 
+Output maps. For 'softmax', 'logsoftmax' and 'crossentropy' autograd differentiates the logits
+only, and ``J = A J_f`` with the output map's Jacobian ``A = dg/dz`` (K' x K) built per example
+in float64 without cancellation (:func:`_output_jacobian`): the exact norms come from
+``A (J_f J_f^T) A^T``, Lanczos applies ``A`` and ``A^T`` to its K'-vectors. Confident examples
+(``1 - p_max`` far below float32's rounding of 1) thus get float32 norms as accurate as the
+float32 logits allow (within 1e-6 of float64 at ``1 - p_max = 1e-6``, 1e-5 at 1e-30), at the
+cost of ``'none'``.
+
 Examples must be independent for the batched computation to give per-example Jacobians: the
 model must be in eval mode (BatchNorm uses running statistics, dropout is off). Training mode is
 rejected.
@@ -191,13 +199,67 @@ def _functional_model(model: nn.Module, channels_last: bool) -> Callable[[Tensor
     return f
 
 
+def _shift_to_max(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``d = z - z_m`` with ``d_m = 0`` (``m = argmax z``), ``exp(d)`` and ``s``; see below."""
+    m = z.argmax(dim=-1, keepdim=True)
+    is_max = torch.arange(z.shape[-1], device=z.device) == m
+    # z_m is differentiated (d depends on z through differences only); d_m is the constant 0,
+    # so the adjoint of the one entry that would carry 1 - p_m is dropped, not cancelled.
+    d = (z - z.gather(-1, m)).masked_fill(is_max, 0.0)
+    e = d.exp()
+    s = e.masked_fill(is_max, 0.0).sum(dim=-1, keepdim=True)
+    return d, e, s
+
+
+def _stable_softmax(z: Tensor) -> Tensor:
+    """``softmax(z)`` over the last axis, with a derivative free of ``1 - p_max`` cancellation.
+
+    With ``m = argmax z``, ``d_c = z_c - z_m`` (``d_m = 0``) and ``s = sum_{c != m} exp(d_c)``::
+
+        p = exp(d) / (1 + s),        1 - p_m = s / (1 + s).
+
+    The values are accurate to relative rounding, and so is the derivative autograd takes of
+    this expression (unlike ``torch.softmax``'s, see :func:`_output_jacobian`): with
+    ``delta = dz``, forward mode computes::
+
+        (dp)_i = p_i * sum_{c != i} p_c (delta_i - delta_c)
+               = p_i * ((delta_i - delta_m) + sum_{c != m} p_c (delta_m - delta_c))
+
+    in the second form, and reverse mode (cotangent ``v``) gives component ``c != m`` of
+    ``(diag(p) - p p^T) v`` as ``p_c (v_c - p.v)`` and component ``m`` as minus the sum of the
+    others (the map depends on ``z`` through differences only): every term carries a factor
+    ``p_c``, ``c != m``, and no ``1 - p_m`` is formed from a rounded ``p_m``.
+    """
+    _, e, s = _shift_to_max(z)
+    return e / (1.0 + s)
+
+
+def _stable_log_softmax(z: Tensor) -> Tensor:
+    """``log_softmax(z) = d - log1p(s)`` (notation of :func:`_stable_softmax`).
+
+    The value ``-log p_m = log1p(s)`` is accurate to relative rounding (``logsumexp(z) - z_m``
+    is not when ``1 - p_m`` is below the rounding of ``z_m``). Derivative ``I - 1 p^T``;
+    forward mode, with ``delta = dz``::
+
+        (d log p)_i = sum_{c != i} p_c (delta_i - delta_c)
+                    = (delta_i - delta_m) + sum_{c != m} p_c (delta_m - delta_c),
+
+    so row ``m``, of size ``O(1 - p_m)`` (the target row of a confidently correct example), is
+    not the difference of ``delta_m`` and ``p.delta``; reverse mode gives component ``c != m``
+    of ``(I - p 1^T) v`` as ``v_c - p_c sum(v)`` and component ``m`` as minus the sum of those,
+    not as ``v_m - p_m sum(v)`` (for ``v = e_m``: ``1 - p_m`` from a rounded ``p_m``).
+    """
+    d, _, s = _shift_to_max(z)
+    return d - torch.log1p(s)
+
+
 def _normalize(z: Tensor, y: Tensor | None, normalization: str, target_only: bool) -> Tensor:
     if normalization == "crossentropy":
-        return torch_f.cross_entropy(z, y, reduction="none").unsqueeze(-1)
+        return -_stable_log_softmax(z).gather(-1, y[:, None])
     if normalization == "softmax":
-        z = torch.softmax(z, dim=-1)
+        z = _stable_softmax(z)
     elif normalization == "logsoftmax":
-        z = torch.log_softmax(z, dim=-1)
+        z = _stable_log_softmax(z)
     if target_only:
         z = z.gather(-1, y[:, None])
     return z
@@ -219,9 +281,14 @@ def output_map(
 
             * ``'none'``: ``g(z) = z`` (logits);
             * ``'softmax'``: ``g(z) = softmax(z)``, Jacobian ``diag(p) - p p^T`` times ``J_f``;
-            * ``'logsoftmax'``: ``g(z) = z - logsumexp(z)``;
+            * ``'logsoftmax'``: ``g(z) = z - logsumexp(z)``, Jacobian ``I - 1 p^T`` times
+              ``J_f``;
             * ``'crossentropy'``: ``g(z) = -log softmax(z)_y``, a scalar, so the Jacobian is the
               input gradient of the loss (one row, K' = 1).
+
+            The three are evaluated relative to the largest logit so that their derivatives
+            (reverse and forward mode) are free of the cancellation in ``1 - p_max``
+            (:func:`_stable_softmax`, :func:`_stable_log_softmax`).
         target_only: Keep only the target row ``y`` of ``g`` (K' = 1).
         input_transform: ``T``, applied to ``x`` inside the differentiated function (see
             :func:`compute_metric`).
@@ -246,6 +313,80 @@ def output_map(
 def _prepare(x: Tensor, channels_last: bool) -> Tensor:
     x = x.detach()
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _network_map(
+    model: nn.Module,
+    normalization: str,
+    target_only: bool,
+    input_transform: InputTransform | None,
+    channels_last: bool,
+) -> OutputMap:
+    """The map pushed through autograd: ``F`` for ``'none'``, else the logits ``f(T(x))``.
+
+    The other normalizations are applied afterwards, in float64, by :func:`_output_jacobian`.
+    """
+    if normalization == "none":
+        return output_map(
+            model,
+            target_only=target_only,
+            input_transform=input_transform,
+            channels_last=channels_last,
+        )
+    return output_map(model, input_transform=input_transform, channels_last=channels_last)
+
+
+def _output_jacobian(
+    z: Tensor, y: Tensor | None, normalization: str, target_only: bool
+) -> Tensor | None:
+    """``A = dg/dz`` of every example, ``(n, K', K)`` in float64; None for ``'none'``.
+
+    With ``p = softmax(z)`` and ``L = I - 1 p^T`` (the log-softmax Jacobian; entries
+    ``L_ii = 1 - p_i``, ``L_ic = -p_c``)::
+
+        'logsoftmax': A = L,    'softmax': A = diag(p) L = diag(p) - p p^T,
+        'crossentropy': A = -L_y = (p - e_y)^T,    target_only: row y of A.
+
+    Row i of ``L J_f`` is ``sum_{c != i} p_c (J_{f,i} - J_{f,c})``: these matrices are applied
+    to the logit Jacobian ``J_f`` in float64 (``J = A J_f``). Every entry is a product of the
+    ``p_c`` (computed relative to the largest logit, :func:`_stable_softmax`) and ``1 - p_i``.
+    Only the largest ``p_m`` can be close to 1 (the others are <= 1/2, so ``1 - p_i`` is
+    harmless), and ``1 - p_m`` is taken as ``sum_{c != m} p_c``, never formed as a difference
+    of nearly equal numbers: each entry has relative accuracy ~1e-16 given ``z``, whatever
+    ``1 - p_m`` is. ``torch.softmax``'s own backward instead forms ``p_m (1 - p_m)`` from a
+    rounded ``p_m``: about one float32 ulp of 1 (6e-8) of absolute error, up to 6% of the value
+    when ``1 - p_m = 1e-6``, and since every entry of ``diag(p) - p p^T`` is ``O(1 - p_m)``
+    (its spectral norm is at most ``2 max_i p_i (1 - p_i)``), percent-level errors in the
+    per-example norms.
+    """
+    if normalization == "none":
+        return None
+    z = z.detach().to(torch.float64)
+    n, k = z.shape
+    p = _stable_softmax(z)
+    is_max = torch.arange(k, device=z.device) == z.argmax(dim=-1, keepdim=True)
+    one_minus_p = torch.where(is_max, p.masked_fill(is_max, 0.0).sum(-1, keepdim=True), 1.0 - p)
+    diagonal = torch.eye(k, dtype=torch.bool, device=z.device)
+    a = torch.where(diagonal, torch.diag_embed(one_minus_p), -p[:, None, :])  # L
+    if normalization == "softmax":
+        a = p[:, :, None] * a
+    elif normalization == "crossentropy":
+        a = -a
+    if target_only or normalization == "crossentropy":
+        a = a[torch.arange(n, device=z.device), y][:, None, :]
+    return a
+
+
+def _unit(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(v_i / ||v_i||, ||v_i||)`` over the first axis: the norm in float64, 1 where v_i = 0.
+
+    Network products are taken along unit vectors and rescaled in float64, so that a small
+    factor (``p_y``, ``1 - p_max``, ``sigma^2`` in Lanczos) never makes float32 underflow or go
+    subnormal, which also costs time: subnormal arithmetic is slow on CPUs.
+    """
+    size = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=-1, dtype=torch.float64)
+    size = torch.where(size > 0, size, 1.0)
+    return v / size.to(v.dtype).reshape(-1, *(1,) * (v.ndim - 1)), size
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,6 +414,11 @@ def input_jacobian(
     backward passes; memory about K' times the activations of the batch (limit it with
     ``chunk_size``).
 
+    For ``'softmax'`` and ``'logsoftmax'`` the backward passes give the logit Jacobian ``J_f``
+    and ``J = A J_f`` is formed in float64 (``A`` the output map's Jacobian,
+    :func:`_output_jacobian`); a single row (``target_only``, ``'crossentropy'``) is one
+    backward pass along ``a / ||a||`` for its row ``a^T`` of ``A``, scaled by ``||a||``.
+
     Args:
         model: Classifier in eval mode, parameters in ``x``'s dtype and device.
         x: Inputs ``(n, ...)``, in the space in which the Jacobian is taken.
@@ -286,35 +432,63 @@ def input_jacobian(
     Returns:
         Tensor ``(n, K', D)`` in ``x``'s dtype, ``D = prod(x.shape[1:])``.
     """
+    left, jac = _jacobian_factors(
+        model, x, y, normalization, target_only, input_transform, chunk_size, channels_last
+    )
+    return jac if left is None else (left @ jac.to(torch.float64)).to(x.dtype)
+
+
+def _jacobian_factors(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    normalization: str,
+    target_only: bool,
+    input_transform: InputTransform | None,
+    chunk_size: int | None,
+    channels_last: bool | None,
+) -> tuple[Tensor | None, Tensor]:
     _check_model(model)
     _check_batch(x, y, _needs_y(normalization, target_only))
     cl = _auto_channels_last(x, channels_last)
-    fmap = output_map(
-        model,
-        normalization=normalization,
-        target_only=target_only,
-        input_transform=input_transform,
-        channels_last=cl,
-    )
-    return _jacobian(fmap, _prepare(x, cl), y, chunk_size)
+    fmap = _network_map(model, normalization, target_only, input_transform, cl)
+    return _jacobian(fmap, _prepare(x, cl), y, chunk_size, normalization, target_only)
 
 
-def _jacobian(fmap: OutputMap, x: Tensor, y: Tensor | None, chunk_size: int | None) -> Tensor:
+def _jacobian(
+    fmap: OutputMap,
+    x: Tensor,
+    y: Tensor | None,
+    chunk_size: int | None,
+    normalization: str = "none",
+    target_only: bool = False,
+) -> tuple[Tensor | None, Tensor]:
+    """Per-example ``J = A R``: ``A`` float64 ``(n, K', r)`` (None: identity), ``R (n, r, D)``.
+
+    ``R`` is the Jacobian of ``fmap`` (``r`` rows, in ``x``'s dtype) and ``A`` the output map's
+    (:func:`_output_jacobian`); a single row ``a^T J_f`` is computed as one VJP along the unit
+    vector ``a / ||a||``, with ``A = ||a||``.
+    """
     n = x.shape[0]
     with input_gradient_convolutions():  # a leaner vmapped conv backward (see its module)
         out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
     _check_output(out)
+    left = _output_jacobian(out, y, normalization, target_only)
+    if left is not None and left.shape[1] == 1:
+        direction, size = _unit(left[:, 0])
+        (g,) = vjp_fn(direction.to(out.dtype))
+        return size[:, None, None], g.reshape(n, 1, -1)
     k = out.shape[-1]
     if k == 1:
         (g,) = vjp_fn(torch.ones_like(out))
-        return g.reshape(n, 1, -1)
+        return left, g.reshape(n, 1, -1)
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     cotangents = eye[:, None, :].expand(k, n, k)  # (K', n, K'): e_k for every example
     (g,) = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)  # (K', n, *x.shape[1:])
-    return g.reshape(k, n, -1).transpose(0, 1)
+    return left, g.reshape(k, n, -1).transpose(0, 1)
 
 
-def gram_norms(jac: Tensor) -> JacobianNorms:
+def gram_norms(jac: Tensor, left: Tensor | None = None) -> JacobianNorms:
     """Operator and Frobenius norms of a batch of matrices from their Gram matrices.
 
     For each ``J`` (K' x D) form ``G = J J^T`` (or ``J^T J`` when D < K') in float64 and return
@@ -323,14 +497,24 @@ def gram_norms(jac: Tensor) -> JacobianNorms:
     gives it to relative accuracy ~1e-16 whatever its size: tiny norms are returned accurately,
     never as 0 unless ``J = 0``.
 
+    With ``left`` (``A``, float64), the norms are those of ``J = A R`` (``R = jac``), from
+    ``G = A (R R^T) A^T``: ``A``'s scale (e.g. a softmax Jacobian's 1e-30) never passes through
+    ``jac``'s dtype.
+
     Args:
-        jac: Tensor ``(n, K', D)``.
+        jac: Tensor ``(n, K', D)``, or ``R (n, r, D)`` with ``left``.
+        left: Optional float64 tensor ``(n, K', r)``.
 
     Returns:
         :class:`JacobianNorms` of float64 tensors ``(n,)``.
     """
     j64 = jac.to(torch.float64)
-    gram = j64 @ j64.mT if j64.shape[-2] <= j64.shape[-1] else j64.mT @ j64
+    if left is not None:
+        gram = left @ (j64 @ j64.mT) @ left.mT
+    elif j64.shape[-2] <= j64.shape[-1]:
+        gram = j64 @ j64.mT
+    else:
+        gram = j64.mT @ j64
     frobenius = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
     operator = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
     return JacobianNorms(operator=operator, frobenius=frobenius)
@@ -349,23 +533,17 @@ def jacobian_norms(
 ) -> JacobianNorms:
     """Exact ``||J_i||_2`` and ``||J_i||_F`` of every example from one Jacobian computation.
 
-    :func:`input_jacobian` followed by :func:`gram_norms`; use it to get both norms for the
-    price of one. Arguments as in :func:`input_jacobian`.
+    :func:`input_jacobian` followed by :func:`gram_norms` (with the output map's Jacobian as
+    ``left``, see :func:`_output_jacobian`); use it to get both norms for the price of one.
+    Arguments as in :func:`input_jacobian`.
 
     Returns:
         :class:`JacobianNorms` of float64 tensors ``(n,)``.
     """
-    jac = input_jacobian(
-        model,
-        x,
-        y,
-        normalization=normalization,
-        target_only=target_only,
-        input_transform=input_transform,
-        chunk_size=chunk_size,
-        channels_last=channels_last,
+    left, jac = _jacobian_factors(
+        model, x, y, normalization, target_only, input_transform, chunk_size, channels_last
     )
-    return gram_norms(jac)
+    return gram_norms(jac, left)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,16 +649,18 @@ def lanczos_operator_norm(
         empty = torch.zeros(0, dtype=torch.float64, device=x.device)
         return LanczosResult(empty, empty.long(), empty.bool())
     cl = _auto_channels_last(x, channels_last)
-    fmap = output_map(
-        model,
-        normalization=normalization,
-        target_only=target_only,
-        input_transform=input_transform,
-        channels_last=cl,
-    )
+    fmap = _network_map(model, normalization, target_only, input_transform, cl)
     x = _prepare(x, cl)
     return _lanczos(
-        fmap, x, y, rtol=float(rtol), max_iter=int(max_iter), seed=int(seed), ids=sample_ids
+        fmap,
+        x,
+        y,
+        rtol=float(rtol),
+        max_iter=int(max_iter),
+        seed=int(seed),
+        ids=sample_ids,
+        normalization=normalization,
+        target_only=target_only,
     )
 
 
@@ -497,15 +677,24 @@ def _lanczos(
     max_iter: int,
     seed: int,
     ids: Tensor,
+    normalization: str = "none",
+    target_only: bool = False,
 ) -> LanczosResult:
     n, dev, f64 = x.shape[0], x.device, torch.float64
     members = torch.arange(n, device=dev)  # examples covered by the current vjp function
     out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
     _check_output(out)
-    k = out.shape[-1]
+    # J = A J_f with the output map's A in float64 (None: fmap is F itself)
+    left = _output_jacobian(out, y, normalization, target_only)
+    k = out.shape[-1] if left is None else left.shape[1]
     if k == 1:  # a single row: ||J||_2 = ||J^T e_1||, exact from one product
-        (g,) = vjp_fn(torch.ones_like(out))
-        sigma = torch.linalg.vector_norm(g.reshape(n, -1).to(f64), dim=-1)
+        if left is None:
+            (g,) = vjp_fn(torch.ones_like(out))
+            size = torch.ones(n, dtype=f64, device=dev)
+        else:
+            direction, size = _unit(left[:, 0])
+            (g,) = vjp_fn(direction.to(out.dtype))
+        sigma = size * torch.linalg.vector_norm(g.reshape(n, -1), dim=-1, dtype=f64)
         one = torch.ones(n, dtype=torch.int64, device=dev)
         return LanczosResult(sigma, one, torch.ones(n, dtype=torch.bool, device=dev))
 
@@ -526,12 +715,21 @@ def _lanczos(
             members = active
         pos = torch.searchsorted(members, active)
         u = basis[active, j]
-        cot = torch.zeros(members.numel(), k, dtype=x.dtype, device=dev)
-        cot[pos] = u.to(x.dtype)
+        # A u = A J_f J_f^T A^T u with both network products along unit vectors, their lengths
+        # kept in float64: J J^T u is O(sigma^2), below float32's range for sigma < 1e-19
+        if left is None:
+            direction, size = u, torch.ones(active.numel(), dtype=f64, device=dev)
+        else:
+            direction, size = _unit((left[active].mT @ u[..., None]).squeeze(-1))
+        cot = torch.zeros(members.numel(), out.shape[-1], dtype=x.dtype, device=dev)
+        cot[pos] = direction.to(x.dtype)
         (jt_u,) = vjp_fn(cot)  # rows of inactive members are J^T 0 = 0, unused
         y_act = _subset(y, active)
-        _, j_jt_u = jvp(lambda xx, y_act=y_act: fmap(xx, y_act), (x[active],), (jt_u[pos],))
-        w = j_jt_u.to(f64)
+        tangent, tangent_size = _unit(jt_u[pos])
+        _, j_t = jvp(lambda xx, y_act=y_act: fmap(xx, y_act), (x[active],), (tangent,))
+        w = j_t.to(f64) * (size * tangent_size)[:, None]
+        if left is not None:
+            w = (left[active] @ w[..., None]).squeeze(-1)
 
         if j > 0:
             w = w - beta[active, j - 1, None] * basis[active, j - 1]
@@ -610,6 +808,12 @@ def compute_metric(
       (``method='exact'``) or by Lanczos (``method='lanczos'``, see
       :func:`lanczos_operator_norm`).
 
+    Cross-entropy, confidence and the softmax / log-softmax / cross-entropy Jacobians never form
+    ``1 - p_y`` as a difference (:func:`_stable_softmax`, :func:`_output_jacobian`), so they keep
+    relative accuracy ~ the dtype's rounding on confident examples (with ``1 - p_max = 1e-6``,
+    float32 is within 1e-6 of float64 per example; ``torch.softmax``'s derivative was off by
+    up to 7%).
+
     ``normalization`` picks ``g`` (see :func:`output_map`; 'crossentropy' makes ``J`` the input
     gradient of the loss) and ``target_only`` keeps row ``y`` of ``J``. They apply to the
     Jacobian metrics only. Bounds useful as sanity checks: ``||J||_2 <= ||J||_F <=
@@ -670,10 +874,13 @@ def compute_metric(
         if metric == "accuracy":
             return (z.argmax(dim=-1) == y).to(x.dtype)
         if metric == "cross_entropy":
-            return torch_f.cross_entropy(z, y, reduction="none").to(x.dtype)
-        p = torch.softmax(z, dim=-1)
-        conf = torch.linalg.vector_norm(p - torch_f.one_hot(y, z.shape[-1]).to(p.dtype), dim=-1)
-        return conf.to(x.dtype)
+            return -_stable_log_softmax(z).gather(-1, y[:, None]).squeeze(-1).to(x.dtype)
+        p = _stable_softmax(z)
+        is_y = torch_f.one_hot(y, z.shape[-1]).bool()
+        # p_y - 1 = -sum_{c != y} p_c: no cancellation when p_y is close to 1
+        residual = torch.where(is_y, -p.masked_fill(is_y, 0.0).sum(-1, keepdim=True), p)
+        # squares in float64: (1 - p_y)^2 underflows float32 below 1 - p_y ~ 1e-19
+        return torch.linalg.vector_norm(residual, dim=-1, dtype=torch.float64).to(x.dtype)
 
     _check_jacobian_options(normalization, target_only)
     if method == "lanczos" and metric != "jacobian_operator":
