@@ -228,8 +228,10 @@ def build_model(
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameter entries."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameter entries: the size of θ (:mod:`curvlake.nn.params`)."""
+    from curvlake.nn.params import parameter_table
+
+    return parameter_table(model).total
 
 
 # ---------------------------------------------------------------------------------------------
