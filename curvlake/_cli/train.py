@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from curvlake._cli.common import Settings, load_options, parse_assignments, pass_settings
@@ -135,7 +137,12 @@ def train(
         for run_id, config in zip(run_ids, configs, strict=True):
             click.echo(f"{run_id}  {config.model} {config.model_params}")
         return
-    run_id = run_train(lake_, options)
+    sources = {}
+    if config_file:
+        from curvlake.pipelines.data import file_sha256
+
+        sources["config_file"] = f"{config_file} sha256:{file_sha256(Path(config_file))}"
+    run_id = run_train(lake_, options, sources=sources)
     print_run(lake_, run_id)
 
 

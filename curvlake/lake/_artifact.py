@@ -363,7 +363,12 @@ class ArtifactWriter:
         self.lake._release(self.id)
 
 
-def new_provenance(config: Mapping[str, Any], inputs: Sequence[str], config_hash: str) -> dict:
+def new_provenance(
+    config: Mapping[str, Any],
+    inputs: Sequence[str],
+    config_hash: str,
+    sources: Mapping[str, str] | None = None,
+) -> dict:
     """Provenance attributes of a new artifact."""
     from curvlake import __version__
 
@@ -372,6 +377,7 @@ def new_provenance(config: Mapping[str, Any], inputs: Sequence[str], config_hash
         "config": json.loads(json.dumps(config)),
         "config_hash": config_hash,
         "inputs": list(inputs),
+        "sources": dict(sources or {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -292,9 +292,18 @@ class Lake:
     # -- writing -----------------------------------------------------------------------------
 
     def begin(
-        self, kind: str, config: Mapping[str, Any], inputs: Sequence[str] = ()
+        self,
+        kind: str,
+        config: Mapping[str, Any],
+        inputs: Sequence[str] = (),
+        *,
+        sources: Mapping[str, str] | None = None,
     ) -> ArtifactWriter:
-        """Start (or resume, or find complete) the artifact of ``kind`` for ``config`` + inputs."""
+        """Start (or resume, or find complete) the artifact of ``kind`` for ``config`` + inputs.
+
+        ``sources``: files the config was read from (``{role: "path sha256:<hex>"}``), recorded
+        in the provenance; their contents already determine the config, and so the id.
+        """
         spec = get_spec(kind)
         config = canonical_config(config)
         inputs = list(inputs)
@@ -308,7 +317,7 @@ class Lake:
             return ArtifactWriter(self, spec, art, config, inputs, complete=True)
         writer = ArtifactWriter(self, spec, art, config, inputs, complete=False)
         self._acquire(art)
-        writer._start(new_provenance(config, inputs, config_hash(config)))
+        writer._start(new_provenance(config, inputs, config_hash(config), sources))
         return writer
 
     def _check_stored(self, artifact: str, role: str = "artifact") -> None:

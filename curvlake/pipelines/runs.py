@@ -273,7 +273,10 @@ def import_run(
         **data,
     }
     inputs = [dataset] if dataset is not None and is_dataset_id(dataset) else []
-    writer = lake.begin("run", config, inputs)
+    files = {"weights": f"{path} sha256:{digest}"}
+    if module is not None:
+        files["module"] = f"{module} sha256:{sources['module_sha256']}"
+    writer = lake.begin("run", config, inputs, sources=files)
     if writer.complete:
         return writer.id
     with writer:

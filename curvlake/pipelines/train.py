@@ -154,18 +154,27 @@ def model_tables(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def run_train(
-    lake: Lake | str, config: TrainConfig | Mapping[str, Any], *, progress: bool = True
+    lake: Lake | str,
+    config: TrainConfig | Mapping[str, Any],
+    *,
+    progress: bool = True,
+    sources: Mapping[str, str] | None = None,
 ) -> str:
     """Train one model, checkpointing into the lake; return the ``run`` artifact id.
 
     Rerunning with the same config returns the complete run, or resumes a killed one from its
-    last finished checkpoint.
+    last finished checkpoint. ``sources``: files the config came from (``{role: "path
+    sha256:<hex>"}``, e.g. the ``--config`` file), recorded in the provenance; an ``.npz``
+    dataset is recorded there too, and its content hash is part of the id.
     """
     lake = open_lake(lake) if isinstance(lake, str) else lake
     config = as_train_config(config)
     stored = stored_run_config(config)
     splits, clean_labels, inputs = training_data(lake, config, stored.get(DATA_HASH))
-    writer = lake.begin("run", stored, inputs)
+    sources = dict(sources or {})
+    if DATA_HASH in stored:
+        sources["dataset"] = f"{config.dataset} sha256:{stored[DATA_HASH]}"
+    writer = lake.begin("run", stored, inputs, sources=sources)
     if writer.complete:
         return writer.id
     with writer:
