@@ -232,7 +232,7 @@ def test_top_examples_and_table(planted):
     for bad in (0, -3, 1.5):
         with pytest.raises(UserInputError, match="n_top"):
             top_examples(lake, npeff_id, n_top=bad)
-    with pytest.raises(UserInputError, match="not npeff"):
+    with pytest.raises(UserInputError, match="not a npeff"):
         top_examples(lake, planted["pefs"])
     with pytest.raises(UserInputError, match="not images"):  # inputs are D x 1 x 1 features
         top_examples_collage(lake, npeff_id, "unused.png")
@@ -371,7 +371,7 @@ def test_perturbation_input_validation(planted):
     for kwargs, match in cases:
         with pytest.raises(UserInputError, match=match):
             run_perturbation(lake, npeff_id, progress=False, **kwargs)
-    with pytest.raises(UserInputError, match="not npeff"):
+    with pytest.raises(UserInputError, match="not a npeff"):
         run_perturbation(lake, planted["run"])
     orphan = lake.begin("npeff", {"orphan": True})
     for name, value in lake.open(npeff_id).variables.items():

@@ -52,6 +52,7 @@ from curvlake.nn.datasets import Split
 from curvlake.nn.params import flat_tensor, unflatten
 from curvlake.pipelines.npeff.coeffs import gram
 from curvlake.pipelines.npeff.fit import components_matrix
+from curvlake.pipelines.skeleton import require_artifact, resolve_run
 from curvlake.pipelines.train import cached_run_splits
 
 SIGNS = (1, -1)
@@ -255,9 +256,7 @@ def _lake(lake: Lake | str) -> Lake:
 
 
 def _npeff_group(lake: Lake, npeff_id: str) -> zarr.Group:
-    info = lake.info(npeff_id)
-    if info.kind != "npeff":
-        raise UserInputError(f"{npeff_id} is a {info.kind} artifact, not npeff")
+    require_artifact(lake, npeff_id, "npeff", role="NPEFF artifact")
     return lake.group(npeff_id)
 
 
@@ -311,8 +310,7 @@ def _source(lake: Lake, group: zarr.Group, npeff_id: str) -> _Source:
             f"the PEFs {pefs_id} of {npeff_id} were imported from {origin} without their run; "
             "the inputs and model are not in the lake"
         )
-    if lake.info(run_id).kind != "run":
-        raise UserInputError(f"{run_id} (the run of {pefs_id}) is not a run artifact")
+    resolve_run(lake, run_id)  # complete, a run, with its data
     return _Source(
         npeff_id, pefs_id, run_id, int(pefs_attrs["checkpoint"]), str(pefs_attrs["split"])
     )
