@@ -597,6 +597,10 @@ def test_empty_batch_and_bad_model_output():
     x, y = _data(CNN_SHAPE, 0, 5)
     for metric in METRICS:
         assert compute_metric(model, x, y, metric=metric).shape == (0,)
+    for normalization, target_only in OUTPUT_MAPS:
+        kw = dict(normalization=normalization, target_only=target_only)
+        assert input_jacobian(model, x, y, **kw).shape[::2] == (0, 2 * 6 * 6)
+        assert jacobian_norms(model, x, y, **kw).operator.shape == (0,)
     flat = nn.Sequential(nn.Flatten(0)).eval()  # returns a vector, not (n, K) logits
     x, y = _data(MLP_SHAPE, 2, 5)
     with pytest.raises(UserInputError, match="logits"):

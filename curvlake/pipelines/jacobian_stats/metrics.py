@@ -40,6 +40,7 @@ returned 0 for norms below 0.01).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -384,7 +385,7 @@ def _unit(v: Tensor) -> tuple[Tensor, Tensor]:
     factor (``p_y``, ``1 - p_max``, ``sigma^2`` in Lanczos) never makes float32 underflow or go
     subnormal, which also costs time: subnormal arithmetic is slow on CPUs.
     """
-    size = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=-1, dtype=torch.float64)
+    size = torch.linalg.vector_norm(v.flatten(1), dim=-1, dtype=torch.float64)
     size = torch.where(size > 0, size, 1.0)
     return v / size.to(v.dtype).reshape(-1, *(1,) * (v.ndim - 1)), size
 
@@ -469,7 +470,7 @@ def _jacobian(
     (:func:`_output_jacobian`); a single row ``a^T J_f`` is computed as one VJP along the unit
     vector ``a / ||a||``, with ``A = ||a||``.
     """
-    n = x.shape[0]
+    n, d = x.shape[0], math.prod(x.shape[1:])
     with input_gradient_convolutions():  # a leaner vmapped conv backward (see its module)
         out, vjp_fn = vjp(lambda xx: fmap(xx, y), x)
     _check_output(out)
@@ -477,15 +478,15 @@ def _jacobian(
     if left is not None and left.shape[1] == 1:
         direction, size = _unit(left[:, 0])
         (g,) = vjp_fn(direction.to(out.dtype))
-        return size[:, None, None], g.reshape(n, 1, -1)
+        return size[:, None, None], g.reshape(n, 1, d)
     k = out.shape[-1]
     if k == 1:
         (g,) = vjp_fn(torch.ones_like(out))
-        return left, g.reshape(n, 1, -1)
+        return left, g.reshape(n, 1, d)
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     cotangents = eye[:, None, :].expand(k, n, k)  # (K', n, K'): e_k for every example
     (g,) = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)  # (K', n, *x.shape[1:])
-    return left, g.reshape(k, n, -1).transpose(0, 1)
+    return left, g.reshape(k, n, d).transpose(0, 1)
 
 
 def gram_norms(jac: Tensor, left: Tensor | None = None) -> JacobianNorms:
