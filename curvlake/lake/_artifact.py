@@ -43,6 +43,9 @@ STATUS, KIND, VERSION, PROVENANCE = (
     NS + "schema_version",
     NS + "provenance",
 )
+#: Set on artifacts whose writer stores every chunk (all written since this attribute exists);
+#: in older artifacts a chunk equal to the fill value was not stored, and reads as the fill.
+ALL_CHUNKS = NS + "all_chunks"
 PROGRESS_GROUP = "_progress"
 #: Scratch and state arrays of a pipeline, kept in staging while it runs (for resume), removed
 #: at commit.
@@ -182,7 +185,12 @@ class ArtifactWriter:
         else:
             group = zarr.open_group(self.url, mode="w", zarr_format=3)
             group.attrs.update(
-                {KIND: self.spec.kind, VERSION: self.spec.version, PROVENANCE: provenance}
+                {
+                    KIND: self.spec.kind,
+                    VERSION: self.spec.version,
+                    PROVENANCE: provenance,
+                    ALL_CHUNKS: True,
+                }
             )
         group.attrs[STATUS] = "writing"
         self._group = group
@@ -341,7 +349,9 @@ class ArtifactWriter:
         attrs = dict(group.attrs)
         validate_arrays(self.spec, infos, attrs, where=f"artifact {self.id}")
         problems = chunk_problems(
-            dict(group.arrays()), self.lake._stored_files(self.url), self.spec.sparse_arrays()
+            dict(group.arrays()),
+            self.lake._stored_files(self.url),
+            self.lake._sparse_arrays(dict(group.attrs)),
         )
         if problems:
             raise LakeError(

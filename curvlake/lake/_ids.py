@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
@@ -47,12 +48,20 @@ def artifact_id(kind: str, config: Mapping[str, Any], inputs: Sequence[str] = ()
     return f"{kind}-{digest[:16]}"
 
 
+#: ``<kind>-<16 hex digits>``, as :func:`artifact_id` makes them: no path separators, dots or
+#: other characters, so an id can never name a path outside its kind's folder.
+_ID = re.compile(r"[a-z][a-z0-9_]*-[0-9a-f]{16}")
+
+
 def kind_of(artifact_id_: str) -> str:
-    """The kind encoded in an artifact id."""
-    kind, sep, digest = artifact_id_.rpartition("-")
-    if not sep or not kind or len(digest) != 16:
+    """The kind encoded in an artifact id.
+
+    Raises:
+        UserInputError: not of the form ``<kind>-<16 hex digits>`` (e.g. a path).
+    """
+    if not isinstance(artifact_id_, str) or not _ID.fullmatch(artifact_id_):
         raise UserInputError(
             f"{artifact_id_!r} is not an artifact id (expected <kind>-<16 hex digits>, "
             "see `curvlake lake ls`)"
         )
-    return kind
+    return artifact_id_.rpartition("-")[0]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from curvlake.errors import (
     UserInputError,
 )
 from curvlake.lake._artifact import (
+    ALL_CHUNKS,
     KIND,
     PROVENANCE,
     STATUS,
@@ -47,6 +49,9 @@ from curvlake.storage_schema import DEFAULT_CHUNK_BYTES, SPECS, get_spec, valida
 if TYPE_CHECKING:
     import xarray as xr
 
+#: errno values of a write refused by permissions or a read-only file system.
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
 LAKE_FORMAT = "curvlake-lake"
 LAKE_FORMAT_VERSION = "1.0"
 MARKER = "lake.json"
@@ -65,6 +70,7 @@ class ArtifactInfo:
     config: dict[str, Any] = field(repr=False)
     url: str = field(repr=False)
     schema_version: str = ""
+    all_chunks: bool = field(default=False, repr=False)
 
     @property
     def config_summary(self) -> str:
@@ -178,6 +184,7 @@ class Lake:
             config=provenance.get("config", {}),
             url=marker.rsplit("/", 1)[0] if self.local else self._final_url(art),
             schema_version=attrs.get(VERSION, ""),
+            all_chunks=bool(attrs.get(ALL_CHUNKS)),
         )
 
     def info(self, artifact: str) -> ArtifactInfo:
@@ -228,7 +235,11 @@ class Lake:
             else FsspecStore.from_url(url, read_only=True)
         )
         group = zarr.open_group(
-            GuardedStore(store, artifact, spec.sparse_arrays()), mode="r", zarr_format=3
+            GuardedStore(
+                store, artifact, self._sparse_arrays({KIND: info.kind, ALL_CHUNKS: info.all_chunks})
+            ),
+            mode="r",
+            zarr_format=3,
         )
         return GuardedGroup(group._async_group)
 
@@ -242,7 +253,7 @@ class Lake:
 
         group = self.group(artifact)
         attrs = dict(group.attrs)
-        sparse = get_spec(attrs[KIND]).sparse_arrays()
+        sparse = self._sparse_arrays(attrs)
         coord_names = set(attrs.pop("coordinates", "").split())
         variables, coords = {}, {}
         for name, array in group.arrays():
@@ -271,7 +282,7 @@ class Lake:
                 f"artifact {artifact}: " + "; ".join(problems) + f"; {rm_hint(artifact)}"
             )
         if check_chunks:
-            sparse = spec.sparse_arrays()
+            sparse = self._sparse_arrays(dict(group.attrs))
             blocks = [
                 dask_array(array, artifact, name, sparse=name in sparse).map_blocks(
                     _nothing, dtype=bool
@@ -286,8 +297,17 @@ class Lake:
         return chunk_problems(
             dict(group.arrays()),
             self._stored_files(self._final_url(artifact)),
-            get_spec(group.attrs[KIND]).sparse_arrays(),
+            self._sparse_arrays(dict(group.attrs)),
         )
+
+    @staticmethod
+    def _sparse_arrays(attrs: Mapping[str, Any]) -> Collection[str]:
+        """Arrays whose absent chunks read as the fill value: those the kind's spec declares
+        sparse; every array of an artifact written before every chunk was stored (legacy,
+        no ``curvlake:all_chunks`` attribute), whose writer skipped fill-valued chunks."""
+        if not attrs.get(ALL_CHUNKS):
+            return _EVERY_ARRAY
+        return get_spec(attrs[KIND]).sparse_arrays()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -316,9 +336,27 @@ class Lake:
             self._check_stored(art)
             return ArtifactWriter(self, spec, art, config, inputs, complete=True)
         writer = ArtifactWriter(self, spec, art, config, inputs, complete=False)
-        self._acquire(art)
-        writer._start(new_provenance(config, inputs, config_hash(config), sources))
+        self._require_writable(STAGING, kind)
+        try:
+            self._acquire(art)
+            writer._start(new_provenance(config, inputs, config_hash(config), sources))
+        except OSError as error:
+            if error.errno not in _NOT_WRITABLE:
+                raise
+            raise LakeError(f"cannot write to the lake at {self.url}: {error.strerror}") from None
         return writer
+
+    def _require_writable(self, *parts: str) -> None:
+        """Refuse a local lake this process cannot write to, before anything is written (the
+        lake's folder and the existing folders among ``parts``, relative to it)."""
+        if not self.local:
+            return
+        for folder in (self.root, *(self._path(part) for part in parts)):
+            if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+                read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+                reason = "read-only file system" if read_only else "permission denied"
+                where = "" if folder == self.root else f" ({folder})"
+                raise LakeError(f"cannot write to the lake at {self.url}: {reason}{where}")
 
     def _check_stored(self, artifact: str, role: str = "artifact") -> None:
         """Cheap integrity check of a complete artifact that is about to be reused or read:
@@ -440,6 +478,8 @@ class Lake:
                     f"{holder.get('host')}; stop it first, then remove the artifact"
                 )
         if not dry_run:
+            folders = {part for art in doomed for part in (kind_of(art), f"{kind_of(art)}/{art}")}
+            self._require_writable(STAGING, *sorted(folders))
             for art in doomed:
                 self._delete(art)
         return doomed
@@ -473,6 +513,8 @@ class Lake:
         Complete artifacts are never touched. Returns the removed paths.
         """
         removed: list[str] = []
+        if not dry_run:
+            self._require_writable(STAGING)
         for path in self.fs.glob(self._path(STAGING, "*")):
             name = path.rsplit("/", 1)[-1]
             if name.endswith(".lock"):
@@ -501,6 +543,22 @@ class Lake:
             if not dry_run:
                 self.fs.rm(path)
         return removed
+
+
+class _EveryArray(Collection[str]):
+    """Contains every array name (the sparse arrays of a legacy artifact)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_EVERY_ARRAY = _EveryArray()
 
 
 def _nothing(block: np.ndarray) -> np.ndarray:
@@ -560,6 +618,8 @@ def open_lake(url: str | os.PathLike[str], create: bool = False, **kwargs: Any) 
                 f"{LAKE_FORMAT_VERSION.split('.')[0]}.x; upgrade curvlake to read it"
             )
         return lake
+    if not create and lake.local and Path(lake.root).is_file():
+        raise LakeError(f"{url} is a file, not a lake (a lake is a folder holding {MARKER})")
     if not create:
         raise LakeError(
             f"{url} is not a curvlake lake (no {MARKER}); create one with `curvlake lake init` "
@@ -571,7 +631,12 @@ def open_lake(url: str | os.PathLike[str], create: bool = False, **kwargs: Any) 
             raise UserInputError(f"{url} is a file, not a directory")
         if existing.is_dir() and any(existing.iterdir()):
             raise LakeError(f"{url} exists, is not empty and is not a lake; choose another path")
-    lake.fs.makedirs(lake.root, exist_ok=True)
-    with lake.fs.open(marker, "w") as handle:
-        handle.write(json.dumps({"format": LAKE_FORMAT, "format_version": LAKE_FORMAT_VERSION}))
+    try:
+        lake.fs.makedirs(lake.root, exist_ok=True)
+        with lake.fs.open(marker, "w") as handle:
+            handle.write(json.dumps({"format": LAKE_FORMAT, "format_version": LAKE_FORMAT_VERSION}))
+    except OSError as error:
+        if error.errno not in _NOT_WRITABLE:
+            raise
+        raise LakeError(f"cannot create a lake at {url}: {error.strerror}") from None
     return lake

@@ -32,10 +32,13 @@ __all__ = [
     "buffer_table",
     "flatten_buffers",
     "flatten_optimizer_state",
+    "flatten_optimizer_window",
     "flatten_parameters",
     "load_model",
+    "optimizer_window_arrays",
     "parameter_table",
     "restore_optimizer_state",
+    "restore_optimizer_window",
 ]
 
 
@@ -47,7 +50,84 @@ def optimizer_slots(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
     if isinstance(optimizer, torch.optim.Adam):
         amsgrad = optimizer.param_groups[0].get("amsgrad", False)
         return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()))
-    raise UserInputError(f"optimizer {type(optimizer).__name__} is not supported (sgd, adam)")
+    if _is_mfac(optimizer):
+        momentum = any(group["momentum"] > 0 for group in optimizer.param_groups)
+        return ("momentum_buffer",) if momentum else ()
+    raise UserInputError(f"optimizer {type(optimizer).__name__} is not supported (sgd, adam, mfac)")
+
+
+def _is_mfac(optimizer: torch.optim.Optimizer) -> bool:
+    from curvlake.pipelines.mfac.optimizer import MFAC
+
+    return isinstance(optimizer, MFAC)
+
+
+def optimizer_window_arrays(optimizer: torch.optim.Optimizer) -> dict[str, tuple[tuple, str]]:
+    """The optimizer state that is not per parameter, as arrays of one checkpoint: name ->
+    (shape, dtype) of the run's optional ``mfac_*`` arrays (empty for SGD and Adam).
+
+    M-FAC keeps its window ``(m, d)`` of the last m gradients on the d trained coordinates,
+    the Gram matrix and ``K⁻¹`` (m × m, float64) and four counters (``MFAC_STATE_FIELDS`` of
+    :mod:`curvlake.storage_schema.run`).
+    """
+    if not _is_mfac(optimizer):
+        return {}
+    saved = optimizer.state_dict()["mfac"]
+    m, d = int(saved["ngrads"]), int(saved["n_coordinates"])
+    window_dtype = str(optimizer.window_dtype).removeprefix("torch.")
+    return {
+        "mfac_window": ((m, d), window_dtype),
+        "mfac_gram": ((m, m), "float64"),
+        "mfac_inverse": ((m, m), "float64"),
+        "mfac_state": ((4,), "int64"),
+    }
+
+
+def flatten_optimizer_window(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The arrays of :func:`optimizer_window_arrays` at this moment, exactly (before the first
+    step: a zero window and Gram matrix; ``K⁻¹`` is NaN until the window is full)."""
+    shapes = optimizer_window_arrays(optimizer)
+    if not shapes:
+        return {}
+    saved = optimizer.state_dict()["mfac"]
+
+    def host(tensor: torch.Tensor | None, name: str, fill: float) -> np.ndarray:
+        shape, dtype = shapes[name]
+        if tensor is None:
+            return np.full(shape, fill, dtype=dtype)
+        return tensor.detach().to("cpu").numpy().copy()
+
+    return {
+        "mfac_window": host(saved["window"], "mfac_window", 0.0),
+        "mfac_gram": host(saved["gram"], "mfac_gram", 0.0),
+        "mfac_inverse": host(saved["inverse"], "mfac_inverse", np.nan),
+        "mfac_state": np.array(
+            [saved["count"], saved["slot"], saved["since_refresh"], saved["inverse"] is not None],
+            dtype=np.int64,
+        ),
+    }
+
+
+def restore_optimizer_window(
+    optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]
+) -> None:
+    """Inverse of :func:`flatten_optimizer_window` (after :func:`restore_optimizer_state`), so
+    that the next steps are bit for bit those of the run that saved it."""
+    if not _is_mfac(optimizer):
+        return
+    state = optimizer.state_dict()
+    count, slot, since_refresh, has_inverse = (int(v) for v in arrays["mfac_state"])
+    started = count > 0
+    state["mfac"] = {
+        **state["mfac"],
+        "count": count,
+        "slot": slot,
+        "since_refresh": since_refresh,
+        "window": torch.from_numpy(np.array(arrays["mfac_window"])) if started else None,
+        "gram": torch.from_numpy(np.array(arrays["mfac_gram"])) if started else None,
+        "inverse": torch.from_numpy(np.array(arrays["mfac_inverse"])) if has_inverse else None,
+    }
+    optimizer.load_state_dict(state)
 
 
 def _ordered_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:

@@ -266,3 +266,20 @@ def test_a_model_with_a_missing_theta_chunk_is_not_exported(lake, tmp_path):
     with pytest.raises(CorruptChunkError, match=f"artifact {run_id}: array 'theta': chunk c/0/0"):
         export_state_dict(lake, run_id, tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_legacy_artifacts_read_absent_chunks_as_fill_values(lake):
+    """Artifacts written before every chunk was stored (no ``curvlake:all_chunks``) keep
+    opening: their writer skipped fill-valued chunks, so an absent chunk is the fill value."""
+    nan = np.full((6, 2), np.nan, np.float32)  # floats' fill value
+    art = _dataset(lake, {"legacy": True}, x=nan)
+    root = Path(lake.url)
+    meta_path = root / "dataset" / art / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["attributes"].pop("curvlake:all_chunks") is True  # new artifacts carry it
+    meta_path.write_text(json.dumps(meta))
+    for key in ("c/0/0", "c/1/0"):  # as an old writer left fill-valued chunks: not stored
+        _chunk(root, art, "x", key).unlink()
+    np.testing.assert_array_equal(lake.open(art)["x"].values, nan)
+    lake.validate(art)
+    assert lake.begin("dataset", {"legacy": True}).complete  # reused, not refused
