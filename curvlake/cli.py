@@ -75,7 +75,8 @@ from curvlake.errors import UserInputError
 @click.option(
     "--slurm-job-timeout",
     type=click.FloatRange(min=0, min_open=True),
-    help=f"--cluster slurm: seconds to wait for the first job's worker (default {SLURM_JOB_TIMEOUT:g}).",
+    help="--cluster slurm: seconds to wait for the first job's worker "
+    f"(default {SLURM_JOB_TIMEOUT:g}).",
 )
 @click.pass_context
 def cli(ctx, lake_url, scheduler, scheduler_file, cluster, workers, **slurm_options):

@@ -8,6 +8,7 @@ calling process (``cluster="sync"``, for debugging and tiny jobs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -219,9 +220,11 @@ def slurm_cluster_kwargs(
             ``job_script_prologue``, ``scheduler_options``...), passed on as they are.
 
     Raises:
-        UserInputError: cores or memory set nowhere, or a setting SLURM would refuse; the
-            message names the command-line option or the configuration key to fix.
+        UserInputError: dask-jobqueue not installed, cores or memory set nowhere, or a setting
+            SLURM would refuse; the message names the command-line option or configuration key.
     """
+    if not _has_module("dask_jobqueue"):
+        raise UserInputError("--cluster slurm needs dask-jobqueue: pip install 'curvlake[slurm]'")
     if queue is not None and partition is not None and queue != partition:
         raise UserInputError(f"two partitions given: queue={queue!r} and partition={partition!r}")
     explicit = {
@@ -265,7 +268,7 @@ def slurm_cluster_kwargs(
     kwargs["scheduler_options"] = {
         "dashboard_address": ":0",
         **(dask.config.get("jobqueue.slurm.scheduler-options", None) or {}),
-        **extra.get("scheduler_options", {}),
+        **(extra.get("scheduler_options") or {}),
     }
     return kwargs
 
@@ -285,8 +288,6 @@ def start_slurm(n_jobs: int, job_timeout: float = SLURM_JOB_TIMEOUT, **settings:
         UserInputError: dask-jobqueue or sbatch missing, job settings missing or refused, an
             sbatch failure, every job ended, or no worker within ``job_timeout`` seconds.
     """
-    if not _has_module("dask_jobqueue"):
-        raise UserInputError("--cluster slurm needs dask-jobqueue: pip install 'curvlake[slurm]'")
     if not job_timeout > 0:
         raise UserInputError(f"--slurm-job-timeout must be > 0 seconds, got {job_timeout!r}")
     kwargs = slurm_cluster_kwargs(**settings)
@@ -299,11 +300,11 @@ def start_slurm(n_jobs: int, job_timeout: float = SLURM_JOB_TIMEOUT, **settings:
     from distributed import Client
 
     try:
-        slurm = SLURMCluster(**kwargs)
+        slurm = SLURMCluster(job_cls=_slurm_job_class(), **kwargs)
     except (ValueError, OSError) as error:
         raise UserInputError(f"cannot set up the SLURM cluster: {_first_line(error)}") from None
     try:
-        _submit_jobs(slurm, n_jobs)
+        slurm.scale(jobs=n_jobs)
         client = Client(slurm)
         try:
             log_directory = kwargs.get("log_directory") or dask.config.get(
@@ -324,23 +325,41 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def _submit_jobs(slurm, n_jobs: int) -> None:
-    """``sbatch`` the jobs now, turning a failed submission into one line."""
-    slurm.scale(jobs=n_jobs)
-    try:
-        # scale() submits in the background, where a failed sbatch is only logged: wait for
-        # the submissions here so that a failure is raised.
-        slurm.sync(slurm._correct_state)
-    except RuntimeError as error:  # dask-jobqueue: the command exited non-zero
-        text = str(error)
-        code = re.search(r"Exit code: (\S+)", text)
-        stderr = [line.strip() for line in text.partition("stderr:")[2].splitlines()]
-        reason = "; ".join(line for line in stderr if line)[:300] or "no message"
-        raise UserInputError(
-            f"sbatch failed (exit {code.group(1) if code else '?'}): {reason}"
-        ) from None
-    except (OSError, ValueError) as error:  # sbatch not runnable, or no job id in its output
-        raise UserInputError(f"sbatch failed: {_first_line(error)}") from None
+@functools.cache
+def _slurm_job_class():
+    """dask-jobqueue's SLURM job, keeping why its submission failed.
+
+    ``scale()`` submits jobs in the background, where a failed ``sbatch`` would only be
+    logged as a traceback; this job keeps the error instead, for :func:`_wait_for_a_worker`
+    to report in one line.
+    """
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class RecordingSLURMJob(SLURMJob):
+        submit_error: str | None = None
+
+        async def start(self):
+            try:
+                await super().start()
+            except (OSError, RuntimeError, ValueError) as error:
+                self.submit_error = _sbatch_failure(error)
+                # Started as far as the cluster is concerned: no job id, so close() is a no-op.
+                self.status = Status.running
+
+    return RecordingSLURMJob
+
+
+def _sbatch_failure(error: Exception) -> str:
+    """One line for a failed submission (dask-jobqueue raises RuntimeError on a non-zero exit,
+    with the command's stdout and stderr in the message)."""
+    if not isinstance(error, RuntimeError):  # sbatch not runnable, or no job id in its output
+        return f"sbatch failed: {_first_line(error)}"
+    text = str(error)
+    code = re.search(r"Exit code: (\S+)", text)
+    stderr = [line.strip() for line in text.partition("stderr:")[2].splitlines()]
+    reason = "; ".join(line for line in stderr if line)[:300] or "no message"
+    return f"sbatch failed (exit {code.group(1) if code else '?'}): {reason}"
 
 
 def _squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
@@ -366,8 +385,19 @@ def _squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     return states
 
 
+def _submitted_jobs(slurm) -> tuple[list[str], list[str]]:
+    """Why submissions failed, and the ids of the jobs submitted (none while sbatch runs).
+
+    Only strings: a job object kept alive (say, by a traceback) fails the cluster's close.
+    """
+    jobs = slurm.workers.values()
+    return [job.submit_error for job in jobs if job.submit_error], sorted(
+        {job.job_id for job in jobs if job.job_id}
+    )
+
+
 def _wait_for_a_worker(client, slurm, timeout: float, log_directory: str | None) -> None:
-    """Return when a worker has joined; raise when every job ended or at the timeout."""
+    """Return when a worker has joined; raise when every job ended, or at the timeout."""
     deadline = time.monotonic() + timeout
     interval = 1.0  # between squeue calls, growing: the SLURM controller is shared
     while True:
@@ -376,27 +406,25 @@ def _wait_for_a_worker(client, slurm, timeout: float, log_directory: str | None)
             return
         except TimeoutError:
             pass
-        job_ids = sorted({job.job_id for job in slurm.workers.values() if job.job_id})
+        failed, job_ids = _submitted_jobs(slurm)
+        if failed:
+            raise UserInputError(failed[0])
         states = _squeue_states(job_ids) if job_ids else None
-        jobs = ", ".join(job_ids) or "none submitted"
-        if states is not None and not any(
-            not state.startswith(_ENDED_STATES) for state in states.values()
-        ):
-            output = (
-                f"{log_directory}/*-{job_ids[0]}.err"
-                if log_directory
-                else f"slurm-{job_ids[0]}.out"
-            )
-            ended = ", ".join(f"{i} ({states.get(i, 'gone')})" for i in job_ids)
+        if states is not None and all(state.startswith(_ENDED_STATES) for state in states.values()):
+            first = job_ids[0]
+            output = f"{log_directory}/*-{first}.err" if log_directory else f"slurm-{first}.out"
+            known = ", ".join(f"{job} {state}" for job, state in states.items())
             raise UserInputError(
-                f"SLURM job(s) {ended} ended before a Dask worker joined: see {output}"
+                f"SLURM job(s) {', '.join(job_ids)} ended before a Dask worker joined"
+                f"{f' ({known})' if known else ''}: see {output}"
             )
         if time.monotonic() >= deadline:
-            if states:
-                jobs = ", ".join(f"{i} ({states.get(i, 'gone')})" for i in job_ids)
+            jobs = ", ".join(
+                job if states is None else f"{job} {states.get(job, 'ended')}" for job in job_ids
+            )
             raise UserInputError(
-                f"no Dask worker joined within {timeout:g} s (SLURM job(s) {jobs}): wait longer "
-                "with --slurm-job-timeout, or see squeue and the jobs' output"
+                f"no Dask worker joined within {timeout:g} s (SLURM job(s): {jobs or 'none'}): "
+                "wait longer with --slurm-job-timeout, or see squeue and the jobs' output"
             )
         interval = min(2 * interval, 10.0)
 
