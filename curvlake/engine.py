@@ -579,12 +579,12 @@ def run_tasks(
     default: ``{"GPU": 1}`` on a cluster whose workers advertise GPUs (dask-cuda, or workers
     started with ``--resources GPU=1``), so each task holds one GPU; none otherwise.
     """
+    client = current_client()  # first: a lazy cluster that fails to start leaves no bar behind
+    if resources is None and client is not None:
+        resources = gpu_resources(client)
     bar = progress_bar(
         total=len(tasks), desc=description, unit="task", disable=not progress or not tasks
     )
-    client = current_client()
-    if resources is None and client is not None:
-        resources = gpu_resources(client)
     try:
         if client is None:
             for args in tasks:
