@@ -499,7 +499,9 @@ def client_session(lazy: bool = False, **kwargs: Any) -> Iterator[Any]:
         with dask.config.set(scheduler="synchronous"):
             yield None
         return
-    if lazy:
+    if lazy and not (kwargs.get("address") or kwargs.get("scheduler_file")):
+        # An existing scheduler is connected to at once (that starts nothing): an unreachable
+        # one is refused before a pipeline stages anything.
         session = _LazyClient(kwargs)
         _LAZY.append(session)
         try:

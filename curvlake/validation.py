@@ -129,7 +129,9 @@ class IntList(Constraint):
         return all(check.accepts(v) for v in value)
 
     def __str__(self) -> str:
-        each = f" of {self.each}s" if self.each else " of ints"
+        each = " of ints"
+        if self.each is not None:
+            each = " of " + str(self.each).replace("an int", "ints", 1)
         return ("a non-empty list" if self.nonempty else "a list") + each
 
 

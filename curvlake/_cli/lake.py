@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 
@@ -48,14 +49,36 @@ def lake_ls(settings: Settings, kind, as_json):
     if not infos:
         click.echo("the lake is empty" if kind is None else f"no {kind} artifacts")
         return
-    rows = [
-        (i.id, i.status, i.created_at, ",".join(i.inputs) or "-", i.config_summary) for i in infos
-    ]
+    rows = [(i.id, i.status, i.created_at, _inputs(i.inputs), i.config_summary) for i in infos]
     header = ("ID", "STATUS", "CREATED", "INPUTS", "CONFIG")
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(4)]
+    # CONFIG loses whole key=value pairs only; piped output (no terminal) gets 200 columns.
+    columns = shutil.get_terminal_size(fallback=(200, 24)).columns
     for row in [header, *rows]:
         line = "  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths, strict=True))
-        click.echo(f"{line}  {row[4]}"[:200])
+        config = row[4] if row is header else whole_tokens(row[4], columns - len(line) - 3)
+        click.echo(f"{line}  {config}".rstrip())
+
+
+def _inputs(inputs: list[str]) -> str:
+    """The first input id and how many more (all of them: `lake show ID`)."""
+    if not inputs:
+        return "-"
+    return inputs[0] if len(inputs) == 1 else f"{inputs[0]} +{len(inputs) - 1}"
+
+
+def whole_tokens(text: str, width: int) -> str:
+    """The leading space-separated tokens of ``text`` that fit in ``width`` characters, with
+    "…" where tokens were left out (never a token cut in the middle)."""
+    if len(text) <= width:
+        return text
+    kept = ""
+    for token in text.split(" "):
+        longer = f"{kept} {token}" if kept else token
+        if len(longer) + 2 > width:
+            break
+        kept = longer
+    return f"{kept} …" if kept else "…"
 
 
 @lake.command("show")
@@ -84,6 +107,8 @@ def lake_show(settings: Settings, artifact):
 def lake_validate(settings: Settings, artifact, no_chunks):
     """Check one artifact (or all complete ones): schema, stored chunks and their checksums."""
     the_lake = settings.lake()
+    if artifact:
+        the_lake.info(artifact)  # not an id, or not in the lake: one line, not a FAILED row
     ids = [artifact] if artifact else [i.id for i in the_lake.list() if i.status == "complete"]
     if not ids:
         click.echo("no complete artifacts to validate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from curvlake._cli._given import given
 from curvlake._cli.common import (
     CurvlakeGroup,
     Settings,
@@ -15,6 +16,7 @@ from curvlake._cli.common import (
     seed_option,
 )
 from curvlake.constants import COEFF_METHODS, NMF_SOLVERS, NPEFF_KINDS
+from curvlake.validation import refuse_unused
 
 
 @click.group(cls=CurvlakeGroup)
@@ -24,20 +26,25 @@ def npeff():
 
 @npeff.command("fit")
 @click.option("--pefs", "pefs_id", required=True, help="PEF artifact id.")
-@click.option("--components", type=click.IntRange(min=1), required=True, help="r.")
+@click.option(
+    "--components",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Number of components r (at most the number of examples).",
+)
 @click.option(
     "--kind",
     type=click.Choice(NPEFF_KINDS),
     default="diag",
     show_default=True,
-    help="D-NPEFF or LRM-NPEFF.",
+    help="diag: D-NPEFF of diag PEFs; lowrank: LRM-NPEFF of lowrank/lvrm PEFs.",
 )
 @click.option(
     "--solver",
     type=click.Choice(NMF_SOLVERS),
     default="hals",
     show_default=True,
-    help="D-NPEFF solver (mu = the seed's multiplicative updates).",
+    help="D-NPEFF (--kind diag) solver: hals, or mu (the seed's multiplicative updates).",
 )
 @click.option(
     "--max-iter",
@@ -78,6 +85,10 @@ def npeff_fit(
     """Factorize PEFs into non-negative components (resumable, out of core)."""
     from curvlake.pipelines.npeff.fit import run_npeff_fit
 
+    if kind == "lowrank":
+        refuse_unused(
+            "to --kind lowrank (LRM-NPEFF options are --lrm KEY=VALUE)", **given("solver")
+        )
     lake_ = settings.lake()
     with settings.cluster_session():
         npeff_id = run_npeff_fit(
@@ -146,11 +157,18 @@ def npeff_coeffs(settings: Settings, npeff_id, pefs_id, method):
 @npeff.command("top")
 @click.argument("npeff_id")
 @click.option("--components", help="Component indices, comma-separated (default: all).")
-@click.option("--n-top", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--n-top",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Top examples (largest W) per component.",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
-    help="Write a collage of the top examples' images (PNG) here instead of a table.",
+    help="Write a collage of the top examples' images here (.png, .pdf or .svg) instead of "
+    "a table.",
 )
 @pass_settings
 def npeff_top(settings: Settings, npeff_id, components, n_top, out):
@@ -179,12 +197,18 @@ def npeff_top(settings: Settings, npeff_id, components, n_top, out):
 @click.option("--components", help="Component indices, comma-separated (default: all).")
 @click.option(
     "--epsilon",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, min_open=True),
     default=0.1,
     show_default=True,
-    help="L2 norm of the parameter move along each unit component direction.",
+    help="L2 norm (> 0) of the parameter move along each unit component direction.",
 )
-@click.option("--n-top", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--n-top",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Top examples (largest W) whose KL is compared with the baseline's.",
+)
 @click.option(
     "--n-baseline",
     type=click.IntRange(min=1),
@@ -203,6 +227,8 @@ def npeff_perturb(
     settings: Settings, npeff_id, components, epsilon, n_top, n_baseline, seed, dtype, max_abs_cos
 ):
     """Perturbation test: KL on the top examples vs a random baseline along each component."""
+    import numpy as np
+
     from curvlake.pipelines.npeff.downstream import run_perturbation
 
     lake_ = settings.lake()
@@ -226,6 +252,12 @@ def npeff_perturb(
     for i, j in enumerate(ds["component"].values):
         values = [float(v) for n in ("kl_top", "kl_baseline", "kl_ratio") for v in ds[n].values[i]]
         click.echo(f"{int(j):>9} " + " ".join(f"{v:>10.4g}" for v in values))
+    if not np.isfinite(ds["kl_ratio"].values).all():
+        click.echo(
+            f"ratio nan or inf: the baseline KL is 0 (in {dtype} at epsilon {epsilon:g}); "
+            "a larger --epsilon (or --dtype float64) resolves it",
+            err=True,
+        )
     click.echo(perturbation_id)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from curvlake._cli._given import given
 from curvlake._cli.common import (
     CurvlakeGroup,
     Settings,
@@ -18,6 +19,7 @@ from curvlake._cli.common import (
     split_option,
 )
 from curvlake.constants import DSF_MODES, PEF_KINDS, PEF_STORAGES
+from curvlake.validation import refuse_unused
 
 
 @click.group(cls=CurvlakeGroup)
@@ -114,6 +116,8 @@ def pefs_dsf(settings: Settings, run_id, checkpoint, split, n_examples, mode, se
     """Dataset-level diagonal Fisher (mean D-PEF, or sampled-label Fisher)."""
     from curvlake.pipelines.npeff.compute_pefs import run_dsf
 
+    if mode == "expectation":
+        refuse_unused("to --mode expectation (it seeds --mode sampling)", **given("seed"))
     lake_ = settings.lake()
     with settings.cluster_session():
         click.echo(
@@ -137,8 +141,13 @@ def pefs_dsf(settings: Settings, run_id, checkpoint, split, n_examples, mode, se
 @click.option("--indices", help="Keep these example positions (comma-separated).")
 @pass_settings
 def pefs_filter(settings: Settings, pefs_id, incorrect_only, labels, indices):
-    """A new PEF artifact with only the selected examples."""
+    """A new PEF artifact with only the selected examples (filters combine: an example is
+    kept when it passes every filter given)."""
     from curvlake.pipelines.npeff.compute_pefs import run_filter
+
+    for flag, text in (("--labels", labels), ("--indices", indices)):
+        if text is not None and not text.strip(", "):
+            raise click.BadParameter("is empty: give comma-separated integers", param_hint=flag)
 
     click.echo(
         run_filter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from curvlake._cli._given import given
 from curvlake._cli.common import (
     CurvlakeGroup,
     Settings,
@@ -13,6 +14,7 @@ from curvlake._cli.common import (
     pass_settings,
 )
 from curvlake.constants import STANDARDIZE_MODES
+from curvlake.validation import refuse_unused
 
 
 @click.group(cls=CurvlakeGroup)
@@ -49,7 +51,13 @@ def runs():
     show_default=True,
     help="Input standardization (none: the inputs as the model was trained on them).",
 )
-@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--split-seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the train / val split of --dataset (as `curvlake train`).",
+)
 @click.option(
     "--num-classes", type=click.IntRange(min=1), help="Classifier outputs (default: the data's)."
 )
@@ -73,6 +81,11 @@ def runs_import(
     TorchScript / pickled module; with --dataset every pipeline can analyse it."""
     from curvlake.pipelines.runs import import_run
 
+    if dataset is None:
+        refuse_unused(
+            "without --dataset (a run of weights only has no data)",
+            **given("standardize", "split_seed", "data_dir"),
+        )
     shape = None
     if input_shape is not None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from curvlake._cli._given import given
 from curvlake._cli.common import (
     CurvlakeGroup,
     Settings,
@@ -16,7 +17,14 @@ from curvlake._cli.common import (
     pass_settings,
     split_option,
 )
-from curvlake.constants import INPUT_SPACES, NORM_METHODS, NORMALIZATIONS, STATS_METRICS
+from curvlake.constants import (
+    INPUT_SPACES,
+    JACOBIAN_METRICS,
+    NORM_METHODS,
+    NORMALIZATIONS,
+    STATS_METRICS,
+)
+from curvlake.validation import refuse_unused
 
 
 @click.group(cls=CurvlakeGroup)
@@ -27,12 +35,12 @@ def stats():
 def _run_ids(settings: Settings, run_ids: tuple[str, ...], grid_file: str | None) -> list[str]:
     ids = list(run_ids)
     if grid_file:
-        from curvlake.lake import artifact_id
         from curvlake.nn.grids import expand_train_grid, load_grid
+        from curvlake.pipelines.train import run_id_of
 
         lake_ = settings.lake()
         for config in expand_train_grid(load_grid(grid_file)):
-            run_id = artifact_id("run", config.to_dict())
+            run_id = run_id_of(config)
             lake_.info(run_id)  # a clear error when that run was not trained
             ids.append(run_id)
     return ids
@@ -102,6 +110,11 @@ def stats_compute(
     runs_ = _run_ids(settings, run_ids, grid_file)
     if not runs_:
         raise click.UsageError("give --run RUN_ID (repeatable) or --grid FILE")
+    if not set(metrics) & set(JACOBIAN_METRICS):
+        refuse_unused(
+            "without a Jacobian metric (jacobian_frobenius, jacobian_operator)",
+            **given("input_space"),
+        )
     checkpoints = checkpoint_list(checkpoints)
     lake_ = settings.lake()
     with settings.cluster_session():
@@ -133,26 +146,35 @@ def stats_compute(
 @click.option(
     "--metric",
     type=click.Choice(STATS_METRICS),
-    default="jacobian_operator",
-    show_default=True,
-    help="Statistic whose mean is drawn against width.",
+    help="Statistic whose mean is drawn against width (default: the first one stored).",
 )
 @checkpoint_option()
-@out_option("PNG path (default: ID.png).")
+@out_option("Figure path, .png, .pdf or .svg (default: ID.png).")
 @pass_settings
 def stats_plot(settings: Settings, stats_id, metric, checkpoint, out):
-    """Draw mean METRIC and train/test error against model width (PNG)."""
-    from curvlake.pipelines.jacobian_stats.plot import plot_width_sweep, width_table
+    """Draw mean METRIC and train/test error against model width, one series per model
+    family and label noise."""
+    from curvlake.pipelines.jacobian_stats.plot import (
+        default_metric,
+        plot_width_sweep,
+        width_table,
+    )
 
     lake_ = settings.lake()
+    metric = metric or default_metric(lake_, stats_id)
     path = plot_width_sweep(
         lake_, stats_id, out or f"{stats_id}.png", metric=metric, checkpoint=checkpoint
     )
     table = width_table(lake_, stats_id, metric, checkpoint)
-    click.echo(f"{'width':>8} {'mean ' + metric:>24} {'train err':>10} {'test err':>10}")
+    family = max(len("series"), *(len(s) for s in table["series"]))
+    click.echo(
+        f"{'series':<{family}} {'epoch':>5} {'width':>8} {'mean ' + metric:>24} "
+        f"{'train err':>10} {'test err':>10}"
+    )
     for i, width in enumerate(table["width"]):
         click.echo(
-            f"{width:>8g} {table['mean'][i]:>24.4g} {table['train_error'][i]:>10.3f} "
+            f"{table['series'][i]:<{family}} {table['epoch'][i]:>5} {width:>8g} "
+            f"{table['mean'][i]:>24.4g} {table['train_error'][i]:>10.3f} "
             f"{table['test_error'][i]:>10.3f}"
         )
     click.echo(f"wrote {path}")

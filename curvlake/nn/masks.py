@@ -207,7 +207,8 @@ class ParameterMask:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # torch raises many types for foreign or corrupt files
-                raise UserInputError(f"{path} is not a readable torch file: {error}") from None
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise UserInputError(f"{path} is not a readable torch file: {first}") from None
             if not isinstance(loaded, Mapping):
                 raise UserInputError(
                     f"{path}: a mask .pt must hold a dict of tensor name -> mask tensor, "

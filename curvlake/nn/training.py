@@ -68,11 +68,17 @@ class TrainConfig:
         label_seed: seed of the label noise.
         augment: random crop (zero padding ``augment_padding``) + horizontal flip.
         augment_padding: crop padding in pixels.
-        optimizer: ``"sgd"`` or ``"adam"``.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"mfac"``.
         lr: learning rate after warmup (before step decay).
         momentum: SGD momentum.
         nesterov: SGD Nesterov momentum.
-        weight_decay: L2 weight decay (coupled, as torch's SGD/Adam).
+        weight_decay: L2 weight decay (coupled, as torch's SGD/Adam; M-FAC: see ``mfac``).
+        mfac: options of the M-FAC optimizer (``optimizer="mfac"`` only; defaults filled in,
+            ``MFAC_DEFAULTS``): ``n_grads`` (window size m), ``damp`` (λ), ``momentum`` (an
+            average of preconditioned steps; SGD's ``momentum`` does not apply),
+            ``decoupled_weight_decay`` and ``refresh_every`` (see
+            :class:`curvlake.pipelines.mfac.MFAC`). Set one from the command line with
+            ``--set mfac.n_grads=64``.
         warmup_epochs: W; linear warmup over epochs 0..W-1 (see ``learning_rate``).
         warmup_start_lr: learning rate of epoch 0 when warming up.
         lr_schedule: ``"constant"`` or ``"step"`` (multiply by ``lr_gamma`` every ``lr_step``
@@ -86,6 +92,17 @@ class TrainConfig:
         device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         save_every: also checkpoint every this many epochs (0: only init and final).
         save_epochs: extra explicit checkpoint epochs.
+        track: what to record during training: ``("saturation",)`` tracks the saturation of
+            the feature layers (:mod:`curvlake.pipelines.saturation.tracking`); empty: nothing.
+            The ``saturation_*``, ``conv_method`` and ``track_layers`` options apply only with
+            it, and are left out of ``to_dict`` (so of the run id) without it.
+        saturation_delta: explained-variance threshold delta of the intrinsic dimension, > 0.
+        saturation_rule: ``"textbook"`` (min k with p_k >= delta) or ``"delve"`` (delve
+            0.1.50's count, k - 1).
+        saturation_ddof: the covariance divides the centred scatter by ``n - ddof``.
+        conv_method: how conv outputs become observations (``channelwise``, ``mean``,
+            ``max``, ``flatten``).
+        track_layers: regular expression selecting the tracked feature layers (None: all).
     """
 
     model: str = "mlp"
@@ -104,6 +121,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    mfac: dict[str, Any] = field(default_factory=dict)
     warmup_epochs: int = 0
     warmup_start_lr: float = 0.0
     lr_schedule: str = "constant"
@@ -116,6 +134,12 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0
     save_epochs: tuple[int, ...] = ()
+    track: tuple[str, ...] = ()
+    saturation_delta: float = 0.99
+    saturation_rule: str = "textbook"
+    saturation_ddof: int = 0
+    conv_method: str = "channelwise"
+    track_layers: str | None = None
 
     def __post_init__(self) -> None:
         # canonical forms, so equal configs compare and hash (via to_dict) equal
@@ -125,10 +149,21 @@ class TrainConfig:
             object.__setattr__(self, "standardize", "none")
         if isinstance(self.save_epochs, list):
             object.__setattr__(self, "save_epochs", tuple(self.save_epochs))
+        if isinstance(self.track, str):
+            object.__setattr__(self, "track", (self.track,))
+        elif isinstance(self.track, list):
+            object.__setattr__(self, "track", tuple(self.track))
         if self.model_params is None:
             object.__setattr__(self, "model_params", {})
         elif isinstance(self.model_params, Mapping):
             object.__setattr__(self, "model_params", dict(self.model_params))
+        if self.mfac is None:
+            object.__setattr__(self, "mfac", {})
+        elif isinstance(self.mfac, Mapping):
+            options = dict(self.mfac)
+            if self.optimizer == "mfac":
+                options = {**MFAC_DEFAULTS, **options}
+            object.__setattr__(self, "mfac", options)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -149,14 +184,14 @@ class TrainConfig:
                 f"a training config must be a mapping, got {type(options).__name__}"
             )
         valid = cls.keys()
-        unknown = [k for k in options if k not in valid]
+        unknown = [k for k in _nest_dotted_keys(options) if k not in valid]
         if unknown:
             raise UserInputError(
                 f"unknown training option(s) {', '.join(map(repr, unknown))}; valid options: "
                 + ", ".join(valid)
             )
-        values = dict(options)
-        for key in _FLOAT_KEYS:
+        values = _nest_dotted_keys(options)
+        for key in (*_FLOAT_KEYS, "saturation_delta"):
             if isinstance(values.get(key), str):
                 try:
                     values[key] = float(values[key])
@@ -164,12 +199,28 @@ class TrainConfig:
                     raise UserInputError(
                         f"training option {key!r} = {values[key]!r} is not a number"
                     ) from None
+        if isinstance(values.get("mfac"), Mapping):
+            values["mfac"] = dict(values["mfac"])
+            for key in _MFAC_FLOAT_KEYS:
+                if isinstance(values["mfac"].get(key), str):
+                    try:
+                        values["mfac"][key] = float(values["mfac"][key])
+                    except ValueError:
+                        raise UserInputError(
+                            f"training option 'mfac.{key}' = {values['mfac'][key]!r} is not a "
+                            "number"
+                        ) from None
         return cls(**values).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples as lists) that ``from_dict`` turns back into this config."""
         out = dataclasses.asdict(self)
         out["save_epochs"] = list(self.save_epochs)
+        if self.track:
+            out["track"] = list(self.track)
+        else:  # untracked configs keep the ids they had before tracking existed
+            for key in _TRACK_KEYS:
+                del out[key]
         out["model_params"] = {
             k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.model_params.items()
         }
@@ -229,6 +280,7 @@ class TrainConfig:
         if self.nesterov is True and (self.optimizer != "sgd" or not self.momentum):
             problems.append("nesterov=True needs optimizer='sgd' and momentum > 0")
         need(_is_real(self.weight_decay, 0.0, math.inf), "weight_decay", "a number >= 0")
+        problems.extend(_mfac_problems(self.optimizer, self.mfac))
         need(_is_int(self.warmup_epochs, 0), "warmup_epochs", "an int >= 0")
         need(_is_real(self.warmup_start_lr, 0.0, math.inf), "warmup_start_lr", "a number >= 0")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", ", ".join(LR_SCHEDULES))
@@ -256,12 +308,124 @@ class TrainConfig:
             "save_epochs",
             f"a list of ints in 0..{self.epochs}",
         )
+        problems.extend(_tracking_problems(self))
         if problems:
             raise UserInputError("invalid training config: " + "; ".join(problems))
         return self
 
 
 _FLOAT_KEYS = ("label_noise", "lr", "momentum", "weight_decay", "warmup_start_lr", "lr_gamma")
+
+#: Options that configure ``track`` (absent from ``to_dict`` when nothing is tracked).
+_TRACK_KEYS = (
+    "track",
+    "saturation_delta",
+    "saturation_rule",
+    "saturation_ddof",
+    "conv_method",
+    "track_layers",
+)
+
+
+def _tracking_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with the tracking options (empty: nothing)."""
+    from curvlake.constants import CONV_METHODS, SATURATION_RULES, TRACKERS
+
+    track = config.track
+    if not isinstance(track, tuple) or not all(t in TRACKERS for t in track):
+        return [f"track={track!r} (allowed: a list of {', '.join(TRACKERS)})"]
+    if len(set(track)) != len(track):
+        return [f"track={list(track)!r} names a tracker twice"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if not track:
+        given = [k for k in _TRACK_KEYS[1:] if getattr(config, k) != defaults[k]]
+        return [f"{', '.join(given)}: only with track=['saturation']"] if given else []
+    problems = []
+    delta = config.saturation_delta
+    if not _is_real(delta, 0.0, math.inf) or delta <= 0:
+        problems.append(f"saturation_delta={delta!r} (allowed: a number > 0)")
+    if config.saturation_rule not in SATURATION_RULES:
+        problems.append(
+            f"saturation_rule={config.saturation_rule!r} (allowed: {', '.join(SATURATION_RULES)})"
+        )
+    if not _is_int(config.saturation_ddof, 0):
+        problems.append(f"saturation_ddof={config.saturation_ddof!r} (allowed: an int >= 0)")
+    if config.conv_method not in CONV_METHODS:
+        problems.append(f"conv_method={config.conv_method!r} (allowed: {', '.join(CONV_METHODS)})")
+    layers = config.track_layers
+    if layers is not None and not isinstance(layers, str):
+        problems.append(f"track_layers={layers!r} (allowed: a regular expression or null)")
+    elif layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as error:
+            problems.append(f"track_layers={layers!r} is not a regular expression: {error}")
+    if _is_int(config.epochs, 0) and config.epochs < 1:
+        problems.append("track needs epochs >= 1")
+    return problems
+
+
+#: Options of the M-FAC optimizer and their defaults (those of the seed: Frantar et al. 2021).
+MFAC_DEFAULTS: dict[str, Any] = {
+    "n_grads": 1024,
+    "damp": 1e-5,
+    "momentum": 0.0,
+    "decoupled_weight_decay": False,
+    "refresh_every": None,
+}
+_MFAC_FLOAT_KEYS = ("damp", "momentum")
+#: Options that hold a mapping; ``"mfac.n_grads": 64`` sets one entry of it.
+_NESTED_KEYS = ("model_params", "mfac")
+
+
+def _nest_dotted_keys(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"mfac.n_grads": 64}`` as ``{"mfac": {"n_grads": 64}}`` (merged into a given
+    ``mfac`` mapping) for the mapping-valued options; other keys unchanged."""
+    values = {k: v for k, v in options.items() if str(k).partition(".")[0] not in _NESTED_KEYS
+              or "." not in str(k)}  # fmt: skip
+    for key, value in options.items():
+        head, dot, entry = str(key).partition(".")
+        if dot and head in _NESTED_KEYS:
+            nested = values.get(head)
+            nested = dict(nested) if isinstance(nested, Mapping) else {}
+            nested[entry] = value
+            values[head] = nested
+    return values
+
+
+def _mfac_problems(optimizer: Any, options: Any) -> list[str]:
+    """What is wrong with the ``mfac`` options (empty: nothing)."""
+    if not isinstance(options, Mapping):
+        return [f"mfac={options!r} (allowed: a mapping of M-FAC options)"]
+    if optimizer != "mfac":
+        return [f"mfac options {sorted(options)} apply only to optimizer='mfac'"] if options else []
+    unknown = sorted(set(options) - set(MFAC_DEFAULTS))
+    if unknown:
+        return [f"unknown mfac option(s) {unknown} (valid: {', '.join(MFAC_DEFAULTS)})"]
+    problems = []
+    checks = {
+        "n_grads": (_is_int(options["n_grads"], 1), "an int >= 1"),
+        "damp": (
+            _is_real(options["damp"], 0.0, math.inf) and options["damp"] > 0,
+            "a number > 0",
+        ),
+        "momentum": (
+            _is_real(options["momentum"], 0.0, 1.0) and options["momentum"] < 1,
+            "in [0, 1)",
+        ),
+        "decoupled_weight_decay": (
+            isinstance(options["decoupled_weight_decay"], bool),
+            "true or false",
+        ),
+        "refresh_every": (
+            options["refresh_every"] is None or _is_int(options["refresh_every"], 1),
+            "null or an int >= 1",
+        ),
+    }
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            problems.append(f"mfac.{key}={options[key]!r} (allowed: {allowed})")
+    return problems
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -329,15 +493,36 @@ def epoch_generator(config: TrainConfig, epoch: int) -> torch.Generator:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda when available else cpu; anything else as ``torch.device``."""
+    """``"auto"`` -> cuda when available else cpu; anything else as ``torch.device``.
+
+    Raises:
+        UserInputError: a device this machine does not have (``cuda`` without a CUDA GPU or
+            build of torch, ``cuda:N`` beyond the GPUs, ``mps`` off Apple silicon).
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise UserInputError(f"bad device {device!r}: {exc}") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU"
+            raise UserInputError(
+                f"device={device!r} is not valid: no CUDA device here ({build}); use --device "
+                "cpu or auto"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise UserInputError(
+                f"device={device!r} is not valid: must be cuda:0..cuda:{count - 1} "
+                f"({count} GPU(s) here)"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"device={device!r} is not valid: MPS is not available here")
+    return resolved
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -360,8 +545,9 @@ def make_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[i
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov, weight decay) or Adam over ``model``'s parameters, at the
-    learning rate of epoch 0 (``train_one_epoch`` sets each epoch's rate)."""
+    """SGD (momentum, Nesterov, weight decay), Adam or M-FAC (``config.mfac``) over
+    ``model``'s trainable parameters, at the learning rate of epoch 0 (``train_one_epoch``
+    sets each epoch's rate)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = learning_rate(config, 0)
     if config.optimizer == "sgd":
@@ -374,6 +560,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "mfac":
+        from curvlake.pipelines.mfac.optimizer import MFAC
+
+        options = config.mfac
+        return MFAC(
+            params,
+            lr=lr,
+            momentum=options["momentum"],
+            weight_decay=config.weight_decay,
+            ngrads=options["n_grads"],
+            damp=options["damp"],
+            decoupled_weight_decay=options["decoupled_weight_decay"],
+            refresh_every=options["refresh_every"],
+        )
     raise UserInputError(f"optimizer={config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 

@@ -341,13 +341,9 @@ def export_state_dict(lake: Lake, run_id: str, path: str | Path, checkpoint: int
 
     The output folder must exist; it is checked before the model is read.
     """
-    from curvlake.pipelines.skeleton import resolve_run
+    from curvlake.pipelines.skeleton import output_path, resolve_run
 
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UserInputError(f"cannot write {path}: it is a directory")
+    path = output_path(path)
     run = resolve_run(lake, run_id, needs_data=False)
     model = load_model(lake, run_id, run.checkpoint_index(checkpoint))
     torch.save(model.state_dict(), path)

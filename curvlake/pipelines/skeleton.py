@@ -2,16 +2,18 @@
 
 An entry point ``run_<method>(lake, ...)`` resolves and checks its inputs here, at the
 boundary, before anything is staged (:func:`require_artifact`, :func:`resolve_run`,
-:meth:`RunInput.checkpoint_index`, :meth:`RunInput.n_rows`); its Dask tasks start with the
-same prologue (:func:`load_block`: the checkpoint's model, cached per worker process, and the
-rows of the block). So a method family adds its kernels, its graph and its entry point, and
-reuses this.
+:meth:`RunInput.checkpoint_index`, :meth:`RunInput.n_rows`, and :func:`output_path` for files
+written outside the lake); its Dask tasks start with the same prologue (:func:`load_block`:
+the checkpoint's model, cached per worker process, and the rows of the block). So a method
+family adds its kernels, its graph and its entry point, and reuses this.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +57,29 @@ def require_artifact(lake: Lake, artifact_id: str, kind: str, role: str = "input
             "makes it to resume it, or remove it with `curvlake lake rm`"
         )
     return info
+
+
+def output_path(path: str | Path, suffixes: Sequence[str] = ()) -> Path:
+    """A file to write outside the lake, checked before any work: its folder exists and is
+    writable, it is not a folder, and (with ``suffixes``, e.g. ``(".png", ".pdf")``) its suffix
+    is one of them.
+
+    Raises:
+        UserInputError: saying which of these fails.
+    """
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise UserInputError(f"cannot write {path}: it is a folder; give a file name")
+    if not folder.is_dir():
+        raise UserInputError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserInputError(f"cannot write {path}: folder {folder} is not writable")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserInputError(
+            f"cannot write {path}: the file name must end in {', '.join(suffixes)}"
+        )
+    return path
 
 
 @dataclass(frozen=True)

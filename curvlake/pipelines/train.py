@@ -10,16 +10,16 @@ with exactly the weights of an uninterrupted run (on CPU).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from curvlake.engine import current_client, run_tasks
 from curvlake.errors import UserInputError
-from curvlake.lake import ArtifactWriter, Lake, open_lake
+from curvlake.lake import ArtifactWriter, Lake, artifact_id, open_lake
 from curvlake.lake.checkpoints import (
     LayerTable,
     assign_buffers,
@@ -27,10 +27,13 @@ from curvlake.lake.checkpoints import (
     buffer_table,
     flatten_buffers,
     flatten_optimizer_state,
+    flatten_optimizer_window,
     flatten_parameters,
     optimizer_slots,
+    optimizer_window_arrays,
     parameter_table,
     restore_optimizer_state,
+    restore_optimizer_window,
 )
 from curvlake.nn.datasets import Splits
 from curvlake.nn.params import table_arrays
@@ -46,6 +49,9 @@ from curvlake.nn.training import (
     with_label_noise,
 )
 from curvlake.pipelines.data import is_dataset_id, load_dataset_artifact
+
+if TYPE_CHECKING:
+    from curvlake.pipelines.saturation.tracking import TrainingTracker
 
 METRICS = (
     "lr",
@@ -84,9 +90,18 @@ def stored_run_config(config: TrainConfig) -> dict[str, Any]:
     """The config a run is identified by: the training options, plus the sha256 of the data
     file when the dataset is an ``.npz`` path (so changed contents give a new run id)."""
     options = config.to_dict()
+    if not options["mfac"]:
+        del options["mfac"]  # runs of other optimizers keep the ids they had before M-FAC
     if config.dataset.endswith(".npz"):
         options[DATA_HASH] = _data_file_sha256(config.dataset)
     return options
+
+
+def run_id_of(config: TrainConfig | Mapping[str, Any]) -> str:
+    """The id of the run :func:`run_train` makes of ``config`` (to find it without training)."""
+    config = as_train_config(config)
+    inputs = [config.dataset] if is_dataset_id(config.dataset) else []
+    return artifact_id("run", stored_run_config(config), inputs)
 
 
 def _data_file_sha256(path: str) -> str:
@@ -159,27 +174,43 @@ def run_train(
     *,
     progress: bool = True,
     sources: Mapping[str, str] | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> str:
     """Train one model, checkpointing into the lake; return the ``run`` artifact id.
 
     Rerunning with the same config returns the complete run, or resumes a killed one from its
-    last finished checkpoint. ``sources``: files the config came from (``{role: "path
-    sha256:<hex>"}``, e.g. the ``--config`` file), recorded in the provenance; an ``.npz``
-    dataset is recorded there too, and its content hash is part of the id.
+    last finished checkpoint (``echo``, when given, is told ``resuming <id> at epoch E of N``).
+    ``sources``: files the config came from (``{role: "path sha256:<hex>"}``, e.g. the
+    ``--config`` file), recorded in the provenance; an ``.npz`` dataset is recorded there too,
+    and its content hash is part of the id.
     """
     lake = open_lake(lake) if isinstance(lake, str) else lake
     config = as_train_config(config)
+    resolve_device(config.device)  # a device this machine lacks is refused before staging
     stored = stored_run_config(config)
     splits, clean_labels, inputs = training_data(lake, config, stored.get(DATA_HASH))
     sources = dict(sources or {})
     if DATA_HASH in stored:
         sources["dataset"] = f"{config.dataset} sha256:{stored[DATA_HASH]}"
+    if config.track:  # a layer pattern that selects nothing is refused before staging
+        from curvlake.pipelines.saturation.tracking import check_tracked_layers
+
+        shape = {"num_classes": splits.num_classes, "input_shape": splits.input_shape}
+        check_tracked_layers(config, make_model(config, **shape))
     writer = lake.begin("run", stored, inputs, sources=sources)
     if writer.complete:
+        if config.track:
+            from curvlake.pipelines.saturation.tracking import ensure_tracked_saturation
+
+            ensure_tracked_saturation(lake, writer.id, config, splits)
         return writer.id
     with writer:
-        _train_into(writer, config, splits, clean_labels, progress)
-    return writer.commit()
+        tracker = _train_into(writer, config, splits, clean_labels, progress, echo)
+        tracked = tracker.collect() if tracker is not None else None
+    run_id = writer.commit()
+    if tracker is not None:  # its input, the run, must be complete first
+        tracker.write(lake, run_id, tracked)
+    return run_id
 
 
 def _train_into(
@@ -188,11 +219,17 @@ def _train_into(
     splits: Splits,
     clean_labels: np.ndarray,
     progress: bool,
-) -> None:
+    echo: Callable[[str], None] | None = None,
+) -> TrainingTracker | None:
     device = resolve_device(config.device)
     model = make_model(config, num_classes=splits.num_classes, input_shape=splits.input_shape)
     model.to(device)
     optimizer = make_optimizer(model, config)
+    tracker = None
+    if config.track:
+        from curvlake.pipelines.saturation.tracking import TrainingTracker
+
+        tracker = TrainingTracker(config, model, writer.work_group("saturation"))
     epochs = checkpoint_epochs(config)
     n_params = parameter_table(model).total
     n_buffers = buffer_table(model).total
@@ -202,6 +239,11 @@ def _train_into(
     theta = writer.create_array("theta", (len(epochs), n_params))
     opt_state = writer.create_array("opt_state", (len(epochs), len(slots), n_params))
     buffers = writer.create_array("buffers", (len(epochs), n_buffers)) if n_buffers else None
+    # State that is not per parameter (M-FAC's gradient window), one chunk row per checkpoint.
+    opt_window = {
+        name: writer.create_array(name, (len(epochs), *shape), dtype)
+        for name, (shape, dtype) in optimizer_window_arrays(optimizer).items()
+    }
     done = writer.progress("checkpoints", len(epochs))
     # Metrics so far ride along as one attribute of the progress record (one small write per
     # checkpoint instead of one per metric); they become arrays when the run completes.
@@ -220,7 +262,10 @@ def _train_into(
         if buffers is not None:
             assign_buffers(model, buffers[index])
         restore_optimizer_state(optimizer, opt_state[index], epochs[index] * steps_per_epoch)
+        restore_optimizer_window(optimizer, {k: v[index] for k, v in opt_window.items()})
         start_epoch = epochs[index]
+        if echo is not None:
+            echo(f"resuming {writer.id} at epoch {start_epoch} of {config.epochs}")
     else:
         start_epoch = 0
         for split in ("val", "test"):
@@ -236,6 +281,8 @@ def _train_into(
         if buffers is not None:
             buffers[index] = flatten_buffers(model)
         opt_state[index] = flatten_optimizer_state(optimizer)
+        for name, values in flatten_optimizer_window(optimizer).items():
+            opt_window[name][index] = values
         done.array.attrs["history"] = {
             name: [None if np.isnan(v) else float(v) for v in values]
             for name, values in history.items()
@@ -245,6 +292,8 @@ def _train_into(
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         for name in METRICS:
             history[name][epoch] = metrics.get(name, np.nan)
+        if tracker is not None:  # before the checkpoint: a done checkpoint has its epochs' rows
+            tracker.save_epoch(epoch)
         if epoch in epochs:
             save(epoch)
 
@@ -261,6 +310,7 @@ def _train_into(
         pad_value=splits.pad_value,
         on_epoch_end=on_epoch_end,
         progress=progress,
+        recorders=tracker.recorders if tracker is not None else (),
     )
     writer.write_many(
         {
@@ -285,6 +335,7 @@ def _train_into(
         standardize_mean=[float(v) for v in np.ravel(splits.mean)],
         standardize_std=[float(v) for v in np.ravel(splits.std)],
     )
+    return tracker
 
 
 def _train_task(lake_url: str, options: dict[str, Any]) -> str:
@@ -319,4 +370,11 @@ def run_grid(
     return [ids[i] for i in range(len(configs))]
 
 
-__all__ = ["LayerTable", "as_train_config", "run_grid", "run_train", "training_data"]
+__all__ = [
+    "LayerTable",
+    "as_train_config",
+    "run_grid",
+    "run_id_of",
+    "run_train",
+    "training_data",
+]

@@ -145,6 +145,7 @@ def run_stats(
             normalization=None if normalization == "none" else normalization,
             target_only=target_only or None,
             method=None if method == "exact" else method,
+            input_space=None if input_space == "standardized" else input_space,
         )
     if target_only and normalization == "crossentropy":
         raise UserInputError("target_only has no meaning with normalization='crossentropy'")

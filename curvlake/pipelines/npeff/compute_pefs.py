@@ -363,8 +363,14 @@ def run_filter(
         )
     source = lake.open(pefs_id)
     n = source.sizes["example"]
-    check("labels", labels, None, IntList(Interval(int, 0, None)))
-    check("indices", indices, None, IntList(Interval(int, 0, n - 1)), context=f"{n} examples")
+    check("labels", labels, None, IntList(Interval(int, 0, None)), context="--labels L1,L2")
+    check(
+        "indices",
+        indices,
+        None,
+        IntList(Interval(int, 0, n - 1)),
+        context=f"--indices: positions among the {n} examples of {pefs_id}",
+    )
     keep = kernels.filter_examples(
         source["logits"].values,
         source["label"].values,
@@ -373,7 +379,16 @@ def run_filter(
         indices=indices,
     )
     if keep.size == 0:
-        raise UserInputError("the filter keeps no example; nothing was stored")
+        given = [
+            flag
+            for flag, value in (
+                ("--incorrect-only", incorrect_only or None),
+                (f"--labels {','.join(map(str, labels or []))}", labels),
+                (f"--indices {','.join(map(str, indices or []))}", indices),
+            )
+            if value is not None
+        ]
+        raise UserInputError(f"{' '.join(given)} keeps no example of {pefs_id}; nothing was stored")
     config = {
         "incorrect_only": bool(incorrect_only),
         "labels": None if labels is None else sorted(int(v) for v in labels),

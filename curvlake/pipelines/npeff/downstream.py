@@ -52,13 +52,15 @@ from curvlake.nn.datasets import Split
 from curvlake.nn.params import flat_tensor, unflatten
 from curvlake.pipelines.npeff.coeffs import gram
 from curvlake.pipelines.npeff.fit import components_matrix
-from curvlake.pipelines.skeleton import require_artifact, resolve_run
+from curvlake.pipelines.skeleton import output_path, require_artifact, resolve_run
 from curvlake.pipelines.train import cached_run_splits
 
 SIGNS = (1, -1)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FORMATS = ("dense", "csr", "lowrank")
 DEFAULT_N_BASELINE = 128
+#: Figure formats of the top-examples collage.
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -440,13 +442,13 @@ def top_examples_collage(
     image of a row names the component; each image shows its W value and label.
 
     Raises:
-        UserInputError: bad arguments, PEFs without a run in the lake, or non-image inputs
-            (use :func:`top_examples_table` for those).
+        UserInputError: bad arguments, a path whose folder does not exist or that does not
+            end in a figure suffix (checked first), PEFs without a run in the lake, or
+            non-image inputs (use :func:`top_examples_table` for those).
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
-
     lake = _lake(lake)
     group = _npeff_group(lake, npeff_id)
+    path = output_path(path, FIGURE_SUFFIXES)
     components = _components(group, components, npeff_id)
     source = _source(lake, group, npeff_id)
     shape = _input_shape(lake, source.run)
@@ -456,6 +458,8 @@ def top_examples_collage(
             "H, W > 1); list the top examples with top_examples_table (`curvlake npeff top` "
             "without --out)"
         )
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
+
     top = top_examples(lake, npeff_id, components=components, n_top=n_top)
     n_top = len(next(iter(top.values())))
     positions = np.concatenate(list(top.values()))
@@ -484,7 +488,6 @@ def top_examples_collage(
             ax.set_title(f"W={W[p, i]:.4g}\ny={label[p]}", fontsize=7)
             if rank == 0:
                 ax.set_ylabel(f"component {j}", fontsize=8)
-    path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path
 
@@ -600,10 +603,10 @@ def _perturb_task(
 
 
 def _isolation(
-    lake: Lake, npeff_id: str, components: list[int], max_abs_cos: float
+    G: np.ndarray, npeff_id: str, components: list[int], max_abs_cos: float
 ) -> dict[int, dict[int, float]]:
-    """Non-zero isolation coefficients ``{j: {i: c_i}}``; refuses a component in the span."""
-    G = component_gram(lake, npeff_id)
+    """Non-zero isolation coefficients ``{j: {i: c_i}}`` from the components' Gram matrix;
+    refuses a component in the span."""
     result = {}
     for j in components:
         c = isolation_coefficients(G, j, max_abs_cos)
@@ -657,8 +660,9 @@ def run_perturbation(
         progress: show a progress bar.
 
     Raises:
-        UserInputError: bad options, or a component that lies in the span of the components
-            it is to be isolated from (nothing left to move along).
+        UserInputError: bad options, a zero component (no direction), or a component that
+            lies in the span of the components it is to be isolated from (nothing left to move
+            along).
     """
     lake = _lake(lake)
     group = _npeff_group(lake, npeff_id)
@@ -706,6 +710,14 @@ def run_perturbation(
     labels = np.asarray(group["label"][:], dtype=np.int64)
     W = _w_columns(group, components)
     n_top, n_baseline, seed = int(n_top), int(n_baseline), int(seed)
+    G = component_gram(lake, npeff_id)
+    zero = [j for j in components if not G[j, j] > 0]
+    if zero:
+        raise UserInputError(
+            f"component(s) {zero} of {npeff_id} are zero (their row of H is 0): there is no "
+            "direction to perturb along (every KL would be 0 and the ratio undefined); leave "
+            "them out with --components"
+        )
     config = {
         "components": components,
         "epsilon": float(epsilon),
@@ -717,7 +729,7 @@ def run_perturbation(
     coefficients: dict[int, dict[int, float]] = {}
     if max_abs_cos is not None:
         config["max_abs_cos"] = float(max_abs_cos)
-        coefficients = _isolation(lake, npeff_id, components, float(max_abs_cos))
+        coefficients = _isolation(G, npeff_id, components, float(max_abs_cos))
     writer = lake.begin("npeff_perturbation", config, [npeff_id])
     if writer.complete:
         return writer.id

@@ -24,6 +24,7 @@ then runs the same kind of resumable Dask iteration over column blocks of X.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -289,6 +290,27 @@ def _fit_lowrank(writer, pefs, config: lrm_solver.LrmConfig, block_size: int, pr
 
 # -- entry points ----------------------------------------------------------------------------
 
+#: LrmConfig fields set by their own options of ``npeff fit``, not by ``--lrm``.
+_LRM_OWN_OPTIONS = {
+    "n_components": "--components",
+    "n_iters_joint": "--max-iter",
+    "tol": "--tol",
+    "seed": "--seed",
+}
+
+
+def _check_lrm_options(lrm_options: dict[str, Any]) -> None:
+    """Every ``--lrm`` key must be an LrmConfig field without an option of its own."""
+    fields = [f.name for f in dataclasses.fields(lrm_solver.LrmConfig)]
+    for key in lrm_options:
+        if key in _LRM_OWN_OPTIONS:
+            raise UserInputError(
+                f"bad LRM option --lrm {key}: give it as {_LRM_OWN_OPTIONS[key]} instead"
+            )
+        if key not in fields:
+            valid = ", ".join(f for f in fields if f not in _LRM_OWN_OPTIONS)
+            raise UserInputError(f"bad LRM option --lrm {key}: valid options are {valid}")
+
 
 @validate_params(
     {
@@ -346,11 +368,14 @@ def run_npeff_fit(
             n_components=n_components, solver=solver, max_iter=max_iter, tol=tol, seed=seed
         )
     else:
+        if pefs.attrs["pef_kind"] == "diag":
+            raise UserInputError(
+                "LRM-NPEFF needs lowrank or lvrm PEFs (pefs compute --kind lowrank); "
+                f"{pefs_id} holds diag PEFs (fit them with --kind diag)"
+            )
+        _check_lrm_options(lrm_options or {})
         options = {"n_iters_joint": max_iter, "tol": tol, "seed": seed, **(lrm_options or {})}
-        try:
-            fit_config = lrm_solver.LrmConfig(n_components=n_components, **options)
-        except TypeError as error:
-            raise UserInputError(f"bad LRM option: {error}") from None
+        fit_config = lrm_solver.LrmConfig(n_components=n_components, **options)
     config = {
         "kind": kind,
         "n_components": n_components,
