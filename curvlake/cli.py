@@ -13,7 +13,26 @@ import sys
 import click
 
 from curvlake import __version__
-from curvlake._cli import data, lake, masks, npeff, pefs, quickstart, runs, stats, train
+from curvlake._cli import (
+    compare,
+    data,
+    hessian,
+    lake,
+    latents,
+    masks,
+    mfac,
+    npeff,
+    pefs,
+    probes,
+    prune,
+    quickstart,
+    receptive_field,
+    report,
+    runs,
+    saturation,
+    stats,
+    train,
+)
 from curvlake._cli.common import DEFAULT_LAKE, CurvlakeGroup, Settings
 from curvlake.engine import CLUSTERS, SLURM_JOB_TIMEOUT
 from curvlake.errors import UserInputError
@@ -123,6 +142,15 @@ for command in (
     pefs.pefs,
     npeff.npeff,
     stats.stats,
+    hessian.hessian,
+    mfac.mfac,
+    prune.prune,
+    saturation.saturation,
+    latents.latents,
+    probes.probes,
+    receptive_field.receptive_field,
+    report.report,
+    compare.compare,
     quickstart.quickstart,
 ):
     cli.add_command(command)

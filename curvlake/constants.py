@@ -9,7 +9,7 @@ SPLITS = ("train", "val", "test")
 #: Floating dtypes a computation can run in.
 DTYPES = ("float32", "float64")
 #: Optimizers of ``curvlake train``.
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "mfac")
 #: Standardization of inputs: train-split statistics, the seeds' published constants, or none.
 STANDARDIZE_MODES = ("train", "published", "none")
 #: Built-in datasets (read from local files, never downloaded; digits is bundled).
@@ -47,6 +47,37 @@ NORM_METHODS = ("exact", "lanczos")
 #: Input space of the Jacobian.
 INPUT_SPACES = ("standardized", "raw")
 
-# -- parameter masks -------------------------------------------------------------------------------
+# -- parameter masks ------------------------------------------------------------------------------
 #: Magnitude masks: the largest |theta_j| over all selected tensors, or per tensor.
 MASK_SCOPES = ("global", "layer")
+
+# -- M-FAC ----------------------------------------------------------------------------------------
+#: Which examples form the gradients of a window: the split in order, or shuffled per epoch.
+GRAD_ORDERS = ("sequential", "shuffled")
+#: Where an inverse Fisher keeps its window: chosen by size and device, or explicitly.
+WINDOW_BACKENDS = ("auto", "numpy", "cupy", "dask")
+#: Pruning criteria: OBS with the M-FAC inverse Fisher, or weight magnitude.
+PRUNE_METHODS = ("mfac", "magnitude")
+#: OBS weight updates: the sum of single-weight updates, or the exact group solution.
+OBS_UPDATES = ("summed", "group")
+
+# -- Hessian eigenspaces ---------------------------------------------------------------------------
+#: Recovery modes of the sketched eigendecomposition (curvlake.pipelines.hessian.recovery):
+#: the seed's (outer sketch nested in the inner one) first, then skerch 1.x's.
+HESSIAN_RECOVERIES = ("recycled", "oversampled", "hmt", "nystrom", "singlepass")
+#: Kinds of random test matrices (curvlake.pipelines.hessian.test_matrices).
+HESSIAN_NOISES = ("ssrft", "gaussian", "rademacher")
+#: How `curvlake hessian eig` finds the eigenpairs: sketched, or from the dense Hessian.
+HESSIAN_METHODS = ("sketch", "exact")
+#: Masks `curvlake hessian overlap` builds itself (largest |theta| of the eigenpairs' checkpoint).
+HESSIAN_MAGNITUDE_MASKS = ("magnitude", "magnitude:global", "magnitude:layer")
+
+# -- saturation, latents, probes (PHD-LAB) -------------------------------------------------------
+#: What `curvlake train --track` records during training.
+TRACKERS = ("saturation",)
+#: How a conv output (N, C, *spatial) becomes observations for its covariance.
+CONV_METHODS = ("channelwise", "mean", "max", "flatten")
+#: Intrinsic-dimension rules: min{k : p_k >= delta}, or delve 0.1.50's count (k* - 1).
+SATURATION_RULES = ("textbook", "delve")
+#: Sources of a `saturation` artifact.
+SATURATION_SOURCES = ("training", "checkpoints", "phdlab")

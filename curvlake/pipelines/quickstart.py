@@ -1,7 +1,10 @@
 """``curvlake quickstart``: a small end-to-end tour on the embedded digits data.
 
 Trains a small MLP and a small CNN on scikit-learn's bundled digits (no download) into the lake,
-then runs the analyses of the other pipelines on them. Every step is an ordinary pipeline call,
+then runs the analyses of the other pipelines on them: input-Jacobian norms, per-example Fishers
+and NPEFF components, Hessian eigenpairs and their overlap with a magnitude mask, one-shot
+M-FAC vs magnitude pruning, layer saturation, probes and receptive fields, and ends with the
+HTML report of the lake. Every step is an ordinary pipeline call,
 so rerunning the quickstart reuses what is already stored.
 """
 
@@ -12,11 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curvlake.lake import Lake
+from curvlake.pipelines.hessian.quickstart import quickstart_hessian
 from curvlake.pipelines.jacobian_stats.pipeline import run_stats
+from curvlake.pipelines.mfac.prune import quickstart_pruning
 from curvlake.pipelines.npeff.compute_pefs import run_pefs
 from curvlake.pipelines.npeff.downstream import top_examples_collage
 from curvlake.pipelines.npeff.fit import run_npeff_fit
+from curvlake.pipelines.saturation.quickstart import quickstart_saturation
 from curvlake.pipelines.train import run_train
+from curvlake.report import quickstart_report
 
 MLP_CONFIG = {
     "model": "mlp",
@@ -89,4 +96,18 @@ def run_quickstart(lake: Lake, *, echo: Callable[[str], None] = print) -> Quicks
         collage = Path("quickstart-npeff-top-examples.png")
     top_examples_collage(lake, npeff_id, collage, components=[0, 1, 2, 3], n_top=8)
     result.figures["top examples of NPEFF components 0-3"] = str(collage)
+    for step, run in (
+        (quickstart_hessian, result.runs["mlp"]),
+        (quickstart_pruning, result.runs["cnn"]),
+        (quickstart_saturation, result.runs["cnn"]),
+    ):
+        _record(result, step(lake, run, echo))
+    result.figures["the lake report"] = quickstart_report(lake, echo)
     return result
+
+
+def _record(result: QuickstartResult, made: dict[str, str]) -> None:
+    """File a step's outputs: artifact ids by role, everything else is a figure path."""
+    for role, value in made.items():
+        is_artifact = "-" in value and not value.endswith((".png", ".svg", ".html"))
+        (result.artifacts if is_artifact else result.figures)[role] = value

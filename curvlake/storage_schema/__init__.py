@@ -28,6 +28,20 @@ _KIND_MODULES = (
     "npeff_perturbation",
     "jacobian_stats",
     "mask",
+    "comparison_masks",
+    "comparison_drift",
+    "comparison_examples",
+    "comparison_layers",
+    "grad_window",
+    "pruning",
+    "hessian_sketch",
+    "hessian_eigs",
+    "hessian_overlap",
+    "saturation",
+    "saturation_projection",
+    "latents",
+    "probes",
+    "receptive_field",
 )
 
 SPECS: dict[str, ArtifactSpec] = {

@@ -3,6 +3,7 @@
 import numpy as np
 
 from curvlake.storage_schema._spec import (
+    DEFAULT_CHUNK_BYTES,
     ArraySpec,
     ArtifactSpec,
     AttrSpec,
@@ -43,20 +44,34 @@ def _example():
     return arrays, attrs
 
 
+def one_checkpoint_column_chunks(
+    shape: tuple[int, ...], itemsize: int, budget: int = DEFAULT_CHUNK_BYTES
+) -> tuple[int, ...]:
+    """One checkpoint per chunk, every row, as many columns as fit in ``budget`` bytes (the
+    M-FAC window of a checkpoint, m x d, can exceed any one chunk)."""
+    rows, columns = (max(1, int(s)) for s in shape[1:])
+    return (1, rows, max(1, min(columns, budget // (rows * itemsize))))
+
+
+#: Order of the counters in ``mfac_state``.
+MFAC_STATE_FIELDS = ("count", "slot", "since_refresh", "has_inverse")
+
+
 def _metric(name: str, what: str) -> ArraySpec:
     return ArraySpec(name, ("epoch",), "float64", what, chunking=whole_array)
 
 
 SPEC = ArtifactSpec(
     kind="run",
-    version="1.1",
+    version="1.2",
     description=(
         "A training run (or a model imported from elsewhere, with its data). `theta[c]` is the "
         "flat parameter vector of checkpoint `c` in the parameters' dtype (float32, or float64 "
         "for a float64 model): every tensor of `model.named_parameters()` (frozen ones too) "
         "flattened and concatenated in that order, as described by the layer table "
         "(`curvlake.nn.params`); `opt_state[c]` the optimizer's per-parameter state at that "
-        "checkpoint, so a run resumes from any checkpoint bit-exactly. Metrics are per epoch; "
+        "checkpoint, so a run resumes from any checkpoint bit-exactly (the M-FAC optimizer "
+        "keeps its gradient window beside it, `mfac_*`, since 1.2). Metrics are per epoch; "
         "epoch 0 is the initial model (its train metrics are NaN since no training happened). "
         "The full "
         "training config is in the provenance."
@@ -200,6 +215,40 @@ SPEC = ArtifactSpec(
             required=False,
             chunking=whole_array,
         ),
+        ArraySpec(
+            "mfac_window",
+            ("checkpoint", "mfac_grad", "mfac_param"),
+            "float",
+            "M-FAC optimizer: the ring buffer of the last m gradients (trained coordinates, in "
+            "the window's dtype)",
+            required=False,
+            chunking=one_checkpoint_column_chunks,
+        ),
+        ArraySpec(
+            "mfac_gram",
+            ("checkpoint", "mfac_grad", "mfac_grad_col"),
+            "float64",
+            "M-FAC optimizer: the window's Gram matrix G Gᵀ",
+            required=False,
+            chunking=one_row_per_chunk,
+        ),
+        ArraySpec(
+            "mfac_inverse",
+            ("checkpoint", "mfac_grad", "mfac_grad_col"),
+            "float64",
+            "M-FAC optimizer: K⁻¹ = (mλI + G Gᵀ)⁻¹ as updated step by step (NaN before the "
+            "window is full)",
+            required=False,
+            chunking=one_row_per_chunk,
+        ),
+        ArraySpec(
+            "mfac_state",
+            ("checkpoint", "mfac_field"),
+            "int64",
+            "M-FAC optimizer counters: " + ", ".join(MFAC_STATE_FIELDS),
+            required=False,
+            chunking=one_row_per_chunk,
+        ),
         ArraySpec("epoch", ("epoch",), "int64", "epoch index", role="coord", chunking=whole_array),
         _metric("lr", "learning rate used during the epoch"),
         _metric("train_loss", "mean training loss over the epoch (noisy labels)"),
@@ -214,7 +263,7 @@ SPEC = ArtifactSpec(
         AttrSpec("dataset", "dataset name or dataset artifact id"),
         AttrSpec("num_classes", "number of classes"),
         AttrSpec("input_shape", "shape of one input"),
-        AttrSpec("optimizer", "sgd or adam"),
+        AttrSpec("optimizer", "sgd, adam or mfac"),
     ),
     example=_example,
     summary_keys=(

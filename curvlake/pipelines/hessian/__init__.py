@@ -15,4 +15,21 @@ Layer-1 kernels (pure NumPy / CuPy functions, no Dask, no lake):
 * :mod:`curvlake.pipelines.hessian.overlap`: the mask overlap curve, its random baseline, IoU
   and the Grassmannian metrics from principal angles, all as row-block partials plus a finalize
   step.
+
+The lake pipeline (layers 2 and 3, Dask over lake arrays, one artifact each):
+
+* :mod:`curvlake.pipelines.hessian.sketch`: ``run_hessian_sketch``, the measurement rounds as
+  column-block tasks of batched HVPs (one data pass each), resumable per column, with the HVP
+  accounting checked (``hessian_sketch``);
+* :mod:`curvlake.pipelines.hessian.solve`: ``run_hessian_solve`` (TSQR over row blocks,
+  projections as row-block map-reduces, the core, the a-posteriori error and scree bounds),
+  ``run_hessian_eig`` (sketch + solve, or the exact method for small nets) (``hessian_eigs``);
+* :mod:`curvlake.pipelines.hessian.overlap_pipeline`: ``run_hessian_overlap``, a mask's
+  overlap curve, baseline, IoU and Grassmannian metrics (``hessian_overlap``);
+* :mod:`curvlake.pipelines.hessian.plot`: the spectrum with scree bounds, overlap against k'
+  and over training; :mod:`curvlake.pipelines.hessian.hdf5_import`: the seed's skerch HDF5
+  measurements as a ``hessian_sketch``; :mod:`curvlake.pipelines.hessian.quickstart`: the
+  quickstart's Hessian step;
+* :mod:`curvlake.pipelines.hessian._tall`: the shared Dask steps on tall ``(param, column)``
+  matrices (row blocks, TSQR into the lake, row-block reductions, CuPy chunks on GPU workers).
 """

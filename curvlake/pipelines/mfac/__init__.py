@@ -10,7 +10,20 @@ Layer-1 kernels:
   per-chunk partial kernels a Dask graph maps over zarr chunks, and the seed's recursion as a
   reference (:func:`seed_recursion_ihvp`);
 * :mod:`curvlake.pipelines.mfac.obs` — Optimal Brain Surgeon scores and updates;
-* :mod:`curvlake.pipelines.mfac.optimizer` — the :class:`MFAC` torch optimizer.
+* :mod:`curvlake.pipelines.mfac.optimizer` — the :class:`MFAC` torch optimizer
+  (``curvlake train --optimizer mfac``).
+
+Pipelines on the lake:
+
+* :mod:`curvlake.pipelines.mfac.grads` — gradient windows (``grad_window`` artifacts,
+  :func:`run_grad_window`, ``curvlake mfac grads``), read back by
+  :meth:`InverseFisher.from_lake` (:mod:`curvlake.pipelines.mfac.lake`);
+* :mod:`curvlake.pipelines.mfac.prune` — one-shot and gradual OBS pruning vs magnitude
+  (``pruning`` artifacts, :func:`run_prune_oneshot`, :func:`run_prune_gradual`,
+  ``curvlake prune``), drawn by :mod:`curvlake.pipelines.mfac.plot`.
+
+Reading windows and applying ``F⁻¹`` does not import torch (Dask workers of an out-of-core
+product stay small); :class:`MFAC` and the pipelines import it when first used.
 """
 
 from curvlake.pipelines.mfac.inverse_fisher import (
@@ -35,7 +48,22 @@ from curvlake.pipelines.mfac.obs import (
     obs_scores,
     summed_obs_update,
 )
-from curvlake.pipelines.mfac.optimizer import MFAC
+
+_LAZY = {
+    "MFAC": "curvlake.pipelines.mfac.optimizer",
+    "run_grad_window": "curvlake.pipelines.mfac.grads",
+    "run_prune_oneshot": "curvlake.pipelines.mfac.prune",
+    "run_prune_gradual": "curvlake.pipelines.mfac.prune",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'curvlake.pipelines.mfac' has no attribute {name!r}")
+
 
 __all__ = [
     "MFAC",
@@ -55,6 +83,9 @@ __all__ = [
     "lowest_scores",
     "obs_scores",
     "project_partial",
+    "run_grad_window",
+    "run_prune_gradual",
+    "run_prune_oneshot",
     "seed_recursion_ihvp",
     "summed_obs_update",
 ]

@@ -74,8 +74,9 @@ __all__ = [
 ]
 
 #: float64 bytes of one in-memory chunk that :class:`InverseFisher` cuts a plain array into, so
-#: the float64 copy a kernel makes of a float32 chunk stays bounded.
-_CHUNK_BYTES = 64 * 2**20
+#: the float64 copy a kernel makes of a float32 chunk stays bounded (16 MiB: the copy is then
+#: about 1.5x faster than at 64 MiB, benchmarks/mfac.py).
+_CHUNK_BYTES = 16 * 2**20
 
 
 def _float64(array: Any) -> Any:
@@ -212,7 +213,7 @@ def _is_dask(array: Any) -> bool:
 
 def _as_chunk_list(window: Any, chunk_size: int | None, align: int) -> list[Any]:
     """The window as a list of 2-D column chunks with equal rows. A plain array is cut into
-    views of ``chunk_size`` columns (default: about 64 MiB of float64, a multiple of
+    views of ``chunk_size`` columns (default: about 16 MiB of float64, a multiple of
     ``align``); a list is taken as it is."""
     is_list = isinstance(window, Sequence) and not isinstance(window, str | bytes)
     chunks = list(window) if is_list else [window]
@@ -400,7 +401,7 @@ class InverseFisher:
             that is not full yet pass the number of filled rows: zero rows add nothing to
             ``GᵀG`` (and nothing but ``nλ`` on the diagonal of ``K``).
         chunk_size: columns per chunk to cut a plain array (or rechunk a Dask array) into
-            (default: a plain array into chunks of about 64 MiB of float64; a Dask array as
+            (default: a plain array into chunks of about 16 MiB of float64; a Dask array as
             it is chunked).
 
     Raises:
@@ -427,6 +428,47 @@ class InverseFisher:
         damp = check_damp(damp)
         self._columns = _columns_of(window, chunk_size)
         self.factor = factor_window(self._columns.gram(), damp, n_grads)
+        #: The lake window it was read from (:meth:`from_lake`), else None.
+        self.window: Any = None
+
+    @classmethod
+    def from_lake(
+        cls,
+        lake: Any,
+        window_id: str,
+        damp: float,
+        *,
+        n_grads: int | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> InverseFisher:
+        """``F⁻¹`` of a ``grad_window`` artifact of the lake.
+
+        Args:
+            lake: the lake (or its URL).
+            window_id: a ``grad_window`` artifact (``curvlake mfac grads``).
+            damp: λ > 0.
+            n_grads: n (default m).
+            chunk_size: columns per chunk (default: about 16 MiB of float64 in memory; the
+                stored chunks with Dask).
+            backend: ``numpy`` or ``cupy`` (the window read into memory), ``dask`` (lazy
+                results, memory bounded by the chunks), or ``auto``: Dask when the window
+                takes more than a quarter of the memory budget
+                (:func:`curvlake.engine.memory_budget`), else CuPy on a GPU, else NumPy.
+
+        The operator's ``window`` attribute is the window's
+        :class:`~curvlake.pipelines.mfac.lake.GradWindow`: its ``coordinates`` say which θ
+        coordinate each row and column of ``F⁻¹`` is (None: all of θ, in order).
+
+        Usage: ``inv = InverseFisher.from_lake(lake, window_id, damp=1e-4)``, then ``inv @ x``,
+        ``inv.diagonal()`` and ``inv.entry(j, k)`` as for an in-memory window.
+        """
+        from curvlake.pipelines.mfac.lake import window_operand
+
+        operand, window = window_operand(lake, window_id, backend)
+        operator = cls(operand, damp, n_grads=n_grads, chunk_size=chunk_size)
+        operator.window = window
+        return operator
 
     @property
     def m(self) -> int:
@@ -631,7 +673,7 @@ class BlockedInverseFisher:
 
     Args:
         window: as for :class:`InverseFisher` (plain arrays are cut into block-aligned chunks
-            of about 64 MiB; Dask arrays keep their chunks, results are lazy, and each task
+            of about 16 MiB; Dask arrays keep their chunks, results are lazy, and each task
             refactors its chunk's blocks so nothing but a chunk is ever in memory).
         damp: λ > 0.
         block_size: columns per block s >= 1.
@@ -655,12 +697,39 @@ class BlockedInverseFisher:
         self.block_size = check_int("block_size", block_size)
         self._columns = _columns_of(window, chunk_size, align=self.block_size)
         _check_aligned(self._columns.sizes, self.block_size)
+        #: The lake window it was read from (:meth:`from_lake`), else None.
+        self.window: Any = None
         self.n_grads = self._columns.m if n_grads is None else check_int("n_grads", n_grads)
         if isinstance(self._columns, _Columns):
             self._factors = [
                 blocked_factors(chunk, self.block_size, self.damp, self.n_grads)
                 for chunk in self._columns.chunks
             ]
+
+    @classmethod
+    def from_lake(
+        cls,
+        lake: Any,
+        window_id: str,
+        damp: float,
+        block_size: int,
+        *,
+        n_grads: int | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> BlockedInverseFisher:
+        """The blocked ``F⁻¹`` of a ``grad_window`` artifact (arguments as for
+        :meth:`InverseFisher.from_lake`; with Dask the stored chunks are regrouped into
+        block-aligned chunks of about the stored size unless ``chunk_size`` is given)."""
+        from curvlake.pipelines.mfac.lake import window_operand
+
+        block_size = check_int("block_size", block_size)
+        operand, window = window_operand(lake, window_id, backend)
+        if _is_dask(operand) and chunk_size is None:
+            chunk_size = max(1, window.chunk_columns // block_size) * block_size
+        operator = cls(operand, damp, block_size, n_grads=n_grads, chunk_size=chunk_size)
+        operator.window = window
+        return operator
 
     @property
     def m(self) -> int:
