@@ -99,7 +99,13 @@ def compare_drift(settings: Settings, eigs_ids, run_id, mode, k, figures_dir):
 @compare.command("examples")
 @click.argument("npeff_id")
 @click.option("--stats", "stats_id", help="A jacobian_stats artifact of the same examples.")
-@click.option("--n-top", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--n-top",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Top examples per component shown side by side.",
+)
 @click.option("--components", help="Comma-separated component indices (default: all).")
 @figures_option()
 @pass_settings

@@ -34,7 +34,13 @@ def comma_list(values: tuple[str, ...]) -> list[str] | None:
     show_default=True,
     help="Figure files written beside the page (repeatable: --format png --format svg).",
 )
-@click.option("--dpi", type=click.IntRange(min=20), default=90, show_default=True)
+@click.option(
+    "--dpi",
+    type=click.IntRange(min=20),
+    default=90,
+    show_default=True,
+    help="Resolution of the figures (lower keeps the page small).",
+)
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
