@@ -229,31 +229,78 @@ def cheapest_hmt(op, exact, noise):
     raise RuntimeError("no HMT configuration reached the target")
 
 
-def throughput(model_op, model, x, y, columns, repeats=3):
-    """Seconds per HVP: ours, and CurvLinOps' HessianLinearOperator (None if absent)."""
+def throughput(model, x, y, columns, dtype, repeats=5):
+    """Seconds per HVP of ours and of CurvLinOps' ``HessianLinearOperator`` (None if absent).
+
+    Both see the same model, the same vectors and the same partition of the data into batches
+    (ours: its default batch size; CurvLinOps gets those batches as its data loader); calls
+    alternate between the two and the best of ``repeats`` is kept. Returns ``(ours, theirs,
+    max relative difference)``.
+    """
+    model = model.to(dtype).eval()
+    ours_op = CurvatureOperator(model, x, y, dtype=dtype)
     v = torch.randn(
-        model_op.n_params, columns, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+        ours_op.n_params, columns, dtype=dtype, generator=torch.Generator().manual_seed(0)
     )
-    model_op.matmat(v)
-    ours = min(_timed(lambda: model_op.matmat(v)) for _ in range(repeats)) / columns
     try:
         from curvlinops import HessianLinearOperator
     except ImportError:
-        return ours, None, None
-    params = [p for p in model.parameters()]
+        ours_op.matmat(v)
+        return min(_timed(lambda: ours_op.matmat(v)) for _ in range(repeats)) / columns, None, None
+    step = ours_op.batch_size
+    data = [(x[i : i + step].to(dtype), y[i : i + step]) for i in range(0, x.shape[0], step)]
     theirs_op = HessianLinearOperator(
         model,
         torch.nn.CrossEntropyLoss(),
-        params,
-        [(x, y)],
+        list(model.parameters()),
+        data,
         progressbar=False,
         check_deterministic=False,
         num_data=x.shape[0],
     )
     out = theirs_op @ v
-    error = float(torch.max(torch.abs(out - model_op.matmat(v))) / torch.max(torch.abs(out)))
-    theirs = min(_timed(lambda: theirs_op @ v) for _ in range(repeats)) / columns
-    return ours, theirs, error
+    error = float(torch.max(torch.abs(out - ours_op.matmat(v))) / torch.max(torch.abs(out)))
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(_timed(lambda: ours_op.matmat(v)))
+        theirs.append(_timed(lambda: theirs_op @ v))
+    return min(ours) / columns, min(theirs) / columns, error
+
+
+def part_throughput(block, small):
+    """HVP throughput vs CurvLinOps on the benchmark's MLP and, unless ``small``, on an MLP
+    with 1.13M parameters (float32, 8 vectors)."""
+    print("\n3. HVP throughput (HVP/s; same model, data batches and vectors for both)")
+    cases = [
+        (
+            f"trained MLP, D={sum(p.numel() for p in block.model.parameters())}, float64, 32 "
+            "vectors",
+            block.model,
+            torch.float64,
+            32,
+        )
+    ]
+    if not small:
+        torch.manual_seed(0)
+        big = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(block.x[0].numel(), 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 10),
+        )
+        cases.append(("MLP [1024, 1024], D=1126410, float32, 8 vectors", big, torch.float32, 8))
+    for label, model, dtype, columns in cases:
+        ours, theirs, error = throughput(model, block.x, block.y, columns, dtype)
+        line = f"  {label}: curvlake {1 / ours:.1f}"
+        if theirs is None:
+            print(line + " (CurvLinOps not installed)")
+        else:
+            print(
+                line + f", CurvLinOps {1 / theirs:.1f}: ratio {theirs / ours:.2f}x (max relative "
+                f"difference {error:.1e})"
+            )
 
 
 def _timed(function) -> float:
@@ -371,7 +418,13 @@ def main():
     )
     parser.add_argument("--noise", default="ssrft", choices=("ssrft", "gaussian", "rademacher"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds averaged in part 1")
+    parser.add_argument(
+        "--parts", default="1,2,3,4", help="which parts to run, e.g. 3 (default: 1,2,3,4)"
+    )
     args = parser.parse_args()
+    parts = {int(part) for part in args.parts.split(",")}
+    if args.no_scale:
+        parts.discard(4)
     widths, n_examples = ([16], 256) if args.small else ([64], 500)
     budgets = (60, 120, 240) if args.small else (80, 160, 320)
     torch.set_num_threads(2)
@@ -384,6 +437,17 @@ def main():
     lake = open_lake(os.path.join(root, "lake"), create=True)
     run = train(lake, widths, 10)
     block = load_block(lake.url, run, -1, "train", slice(0, n_examples), "float64")
+    if 3 in parts:
+        part_throughput(block, args.small)
+    if parts & {1, 2}:
+        part_eigenpairs(args, block, lake, run, widths, n_examples, budgets, has_skerch, parts)
+    if 4 in parts:
+        k, n, limit = (300, 32, "1GiB") if args.small else (720, 32, "1GiB")
+        part_scale(root, k, n, limit, args.scale_solve)
+
+
+def part_eigenpairs(args, block, lake, run, widths, n_examples, budgets, has_skerch, parts):
+    """Parts 1 and 2: accuracy per budget, and passes / wall time to eigsh's accuracy."""
     operator = CurvatureOperator(block.model, block.x, block.y, dtype=torch.float64)
     op = Counted(operator)
     dim = operator.n_params
@@ -404,10 +468,14 @@ def main():
         f"noise {args.noise}; skerch {'1.2 installed' if has_skerch else 'not installed'}"
     )
 
-    rows = part_accuracy(op, exact, budgets, args.noise, has_skerch, range(args.seeds))
-    print_table(
-        f"1. accuracy per HVP budget B (top-20 of the sketch; mean of {args.seeds} seeds)", rows
-    )
+    if 1 in parts:
+        rows = part_accuracy(op, exact, budgets, args.noise, has_skerch, range(args.seeds))
+        print_table(
+            f"1. accuracy per HVP budget B (top-20 of the sketch; mean of {args.seeds} seeds)",
+            rows,
+        )
+    if 2 not in parts:
+        return
 
     tol, e_hvps, e_passes, e_wall, e_rel, e_cos = eigsh_to_target(op, exact)
     config, h_hvps, h_passes, h_rel, h_cos = cheapest_hmt(op, exact, args.noise)
@@ -446,19 +514,6 @@ def main():
         f"({walls['cold']:.2f} s on fresh ones, seed 1), error {rel:.1e}; wall time ratio "
         f"eigsh / pipeline {e_wall / walls['warm']:.2f}x (cold {e_wall / walls['cold']:.2f}x)"
     )
-
-    ours, theirs, error = throughput(operator, block.model.double(), block.x, block.y, 32)
-    print(f"\n3. HVP throughput, 32 vectors per pass: curvlake {1 / ours:.1f} HVP/s", end="")
-    if theirs is None:
-        print(" (CurvLinOps not installed)")
-    else:
-        print(
-            f", CurvLinOps HessianLinearOperator {1 / theirs:.1f} HVP/s: ratio "
-            f"{theirs / ours:.2f}x (max relative difference {error:.1e})"
-        )
-    if not args.no_scale:
-        k, n, limit = (300, 32, "1GiB") if args.small else (720, 32, "1GiB")
-        part_scale(root, k, n, limit, args.scale_solve)
 
 
 if __name__ == "__main__":

@@ -181,10 +181,18 @@ def assign_buffers(model: torch.nn.Module, values: np.ndarray) -> None:
 
 def unflatten(model: torch.nn.Module, theta: torch.Tensor) -> dict[str, torch.Tensor]:
     """Views of the flat tensor ``theta`` shaped like ``model.named_parameters()`` (for
-    ``torch.func.functional_call``; they share ``theta``'s memory and autograd history)."""
+    ``torch.func.functional_call``; they share ``theta``'s memory and autograd history).
+
+    One ``torch.split`` rather than a slice per tensor: the backward of a split is one
+    concatenation, that of P slices P scatters into a zero vector, which made Hessian-vector
+    products (``jvp`` of ``grad``) up to 1.4x slower."""
     table = parameter_table(model)
     _check_length("theta", int(theta.numel()), table.total)
-    return {name: theta[where].view(shape) for name, where, shape in table.slices()}
+    pieces = torch.split(theta, [int(size) for size in table.sizes])
+    return {
+        name: piece.view(shape)
+        for name, piece, shape in zip(table.names, pieces, table.shapes, strict=True)
+    }
 
 
 def flat_tensor(
