@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/hessian_eigs.py [--small] [--no-scale]
+    python benchmarks/hessian_eigs.py [--small] [--no-scale] [--parts 1,2,3,4]
 
 Everything runs on one HVP operator, :class:`curvlake.autodiff.CurvatureOperator` (float64,
 eval mode) of an MLP trained on digits, on a fixed subset of its training examples:
@@ -229,7 +229,7 @@ def cheapest_hmt(op, exact, noise):
     raise RuntimeError("no HMT configuration reached the target")
 
 
-def throughput(model, x, y, columns, dtype, repeats=5):
+def throughput(model, x, y, columns, dtype, repeats=9):
     """Seconds per HVP of ours and of CurvLinOps' ``HessianLinearOperator`` (None if absent).
 
     Both see the same model, the same vectors and the same partition of the data into batches
