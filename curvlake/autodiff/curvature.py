@@ -86,6 +86,10 @@ class CurvatureOperator:
         n_products: Vectors multiplied so far (``k`` per :meth:`matmat` of ``k`` columns).
         n_passes: Passes over the data so far (one per :meth:`matmat`).
 
+    Not thread-safe: a product switches the model to eval mode and back, and the counters are
+    plain attributes, so threads sharing a model must serialise their products (the sketch
+    pipeline's tasks hold one lock per worker process around them).
+
     Example:
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

@@ -235,6 +235,9 @@ def test_cli_lrm_options_are_parsed_as_users_write_them(pef_lake):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
 def test_lowrank_loss_is_the_true_relative_loss_and_divergence_is_an_error(pef_lake):
     lake, run_id, _, _ = pef_lake
     low = run_pefs(lake, run_id, n_examples=12, pef_kind="lowrank", storage="dense", progress=False)

@@ -384,7 +384,28 @@ def _check_rhs(x: Any, n_params: int) -> None:
 # -- the public operator -----------------------------------------------------------------------
 
 
-class InverseFisher:
+class _WindowOperator:
+    """What both inverse-Fisher operators say about the window they read (``_columns``)."""
+
+    _columns: _Columns | _DaskColumns
+
+    @property
+    def m(self) -> int:
+        """Number of gradients (rows) in the window."""
+        return self._columns.m
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters d."""
+        return self._columns.n_params
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """Columns per chunk of the window as this operator reads it."""
+        return self._columns.sizes
+
+
+class InverseFisher(_WindowOperator):
     r"""``F⁻¹`` for ``F = λ I + Gᵀ G / n`` of a window ``G`` (m × d), matrix-free.
 
     ``K = n λ I + G Gᵀ`` is built from per-chunk Gram partials and factored once (float64
@@ -471,16 +492,6 @@ class InverseFisher:
         return operator
 
     @property
-    def m(self) -> int:
-        """Number of gradients (rows) in the window."""
-        return self._columns.m
-
-    @property
-    def n_params(self) -> int:
-        """Number of parameters d."""
-        return self._columns.n_params
-
-    @property
     def damp(self) -> float:
         """λ."""
         return self.factor.damp
@@ -489,11 +500,6 @@ class InverseFisher:
     def n_grads(self) -> int:
         """n in ``F = λI + GᵀG/n``."""
         return self.factor.n_grads
-
-    @property
-    def chunk_sizes(self) -> tuple[int, ...]:
-        """Columns per chunk of the window as this operator reads it."""
-        return self._columns.sizes
 
     def __matmul__(self, x: Any) -> Any:
         """``F⁻¹ x`` for a vector (d,) or matrix (d, r): float64, same array kind as the
@@ -662,7 +668,7 @@ def _check_aligned(sizes: Sequence[int], block_size: int) -> None:
         )
 
 
-class BlockedInverseFisher:
+class BlockedInverseFisher(_WindowOperator):
     r"""``F⁻¹`` of the block-diagonal Fisher ``blockdiag_b(λ I + G_bᵀ G_b / n)``.
 
     The parameters are cut into consecutive blocks of ``block_size`` (the last one may be
@@ -730,21 +736,6 @@ class BlockedInverseFisher:
         operator = cls(operand, damp, block_size, n_grads=n_grads, chunk_size=chunk_size)
         operator.window = window
         return operator
-
-    @property
-    def m(self) -> int:
-        """Number of gradients (rows) in the window."""
-        return self._columns.m
-
-    @property
-    def n_params(self) -> int:
-        """Number of parameters d."""
-        return self._columns.n_params
-
-    @property
-    def chunk_sizes(self) -> tuple[int, ...]:
-        """Columns per chunk of the window as this operator reads it."""
-        return self._columns.sizes
 
     def _task_args(self) -> tuple[Any, ...]:
         return (self.block_size, None, self.damp, None, self.n_grads, None)
