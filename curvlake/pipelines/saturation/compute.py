@@ -38,6 +38,7 @@ from curvlake.pipelines.skeleton import (
     DTYPE,
     POSITIVE_INT,
     SPLIT,
+    RunInput,
     as_lake,
     block_slices,
     load_block,
@@ -63,9 +64,11 @@ def run_block_size(lake: Lake, run_id: str, block_size: int | None) -> int:
 
 
 def observation_widths(
-    model: torch.nn.Module, names: Sequence[str], conv_method: str, x: torch.Tensor
+    model: torch.nn.Module, names: Sequence[str], conv_method: str, run: RunInput, split: str
 ) -> list[int]:
-    """The observation dimension ``d`` of each named layer, from one forward of ``x``."""
+    """The observation dimension ``d`` of each named layer, from one forward of the first
+    example of the run's ``split``."""
+    x = torch.as_tensor(run.split(split).x[:1], dtype=torch.float32)
     modules = dict(model.named_modules())
     widths: dict[str, int] = {}
 
@@ -216,8 +219,7 @@ def run_saturation(
     block_size = run_block_size(lake, run_id, block_size)
     blocks = block_slices(n, block_size)
     model, names = selected_layers(lake, run_id, layers)
-    x_sample = torch.as_tensor(run.split(split).x[:1], dtype=torch.float32)
-    widths = observation_widths(model, names, conv_method, x_sample)
+    widths = observation_widths(model, names, conv_method, run, split)
     if n <= ddof:
         raise UserInputError(f"ddof={ddof} needs more than {ddof} examples, got {n}")
 

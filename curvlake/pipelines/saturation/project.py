@@ -180,8 +180,7 @@ def run_saturation_project(
             f"recurrent layer(s) {', '.join(recurrent)} cannot be projected; leave them out "
             "with --layers"
         )
-    x_sample = torch.as_tensor(run.split(split).x[:1], dtype=torch.float32)
-    widths = observation_widths(model, names, conv_method, x_sample)
+    widths = observation_widths(model, names, conv_method, run, split)
     deltas = [float(d) for d in deltas]
 
     config = {
