@@ -43,5 +43,5 @@ def quickstart_hessian(
     return {
         "hessian_eigs": eigs_id,
         "hessian_overlap": overlap_id,
-        "figure: Hessian spectrum and mask overlap": str(figure),
+        "Hessian spectrum and mask overlap": str(figure),
     }

@@ -887,5 +887,5 @@ def quickstart_pruning(
     return {
         "pruning": pruning_id,
         "grad_window": lake.group(pruning_id).attrs["grad_window"],
-        "figure: test accuracy against sparsity, M-FAC vs magnitude": str(figure),
+        "test accuracy against sparsity, M-FAC vs magnitude": str(figure),
     }
