@@ -120,9 +120,31 @@ def _checkpoints(checkpoint, checkpoints):
     return None if checkpoint is None else checkpoint
 
 
-def _echo_all(ids):
+def _echo_all(lake, ids):
+    """One line per artifact: its id and what it holds."""
     for artifact in ids if isinstance(ids, list) else [ids]:
-        click.echo(artifact)
+        click.echo(f"{artifact}  {_summary(lake, artifact)}")
+
+
+def _summary(lake, artifact: str) -> str:
+    ds = lake.open(artifact)
+    attrs = ds.attrs
+    where = f"run {attrs['run']} checkpoint {attrs['checkpoint']}"
+    if artifact.startswith("hessian_sketch"):
+        return (
+            f"{attrs['recovery']} {attrs['noise']} sketch, k={attrs['k']}: {attrs['n_hvps']} HVPs "
+            f"in {attrs['n_data_passes']} data pass(es), {attrs['n_examples']} {attrs['split']} "
+            f"examples, {where}"
+        )
+    if artifact.startswith("hessian_eigs"):
+        values = ", ".join(f"{v:.4g}" for v in ds["eigenvalues"].values[:3])
+        error, how = attrs.get("rel_err"), "" if attrs["method"] == "exact" else "estimated "
+        error = "" if error is None else f", {how}relative error of the rank-k part {error:.2g}"
+        return f"{attrs['method']}: top-{attrs['k']} eigenvalues {values}, ...{error}; {where}"
+    return (
+        f"overlap at k'={attrs['k']}: {ds['overlap'].values[-1]:.4f} (random mask "
+        f"{attrs['baseline']:.4f}), {where}"
+    )
 
 
 @hessian.command("sketch")
@@ -131,7 +153,7 @@ def _echo_all(ids):
 @pass_settings
 def hessian_sketch(settings: Settings, run_id, checkpoint, checkpoints, **options):
     """Random Hessian measurements of a checkpoint (resumable: a killed run, rerun, computes
-    only the missing columns). Prints the hessian_sketch id(s)."""
+    only the missing columns). Prints each hessian_sketch id with a summary."""
     from curvlake.pipelines.hessian.sketch import run_hessian_sketch
     from curvlake.pipelines.skeleton import resolve_run
 
@@ -146,7 +168,7 @@ def hessian_sketch(settings: Settings, run_id, checkpoint, checkpoints, **option
             ids = run_hessian_sketch(
                 lake_, run_id, checkpoint=-1 if where is None else where, **options
             )
-    _echo_all(ids)
+    _echo_all(lake_, ids)
 
 
 @hessian.command("solve")
@@ -159,7 +181,7 @@ def hessian_sketch(settings: Settings, run_id, checkpoint, checkpoints, **option
 @pass_settings
 def hessian_solve(settings: Settings, sketch_ids, rcond):
     """Eigenpairs of hessian_sketch artifacts (TSQR, projections, core); prints the
-    hessian_eigs id(s)."""
+    hessian_eigs id(s), each with its top eigenvalues."""
     from curvlake.pipelines.hessian.recovery import DEFAULT_RCOND
     from curvlake.pipelines.hessian.solve import run_hessian_solve
 
@@ -169,7 +191,7 @@ def hessian_solve(settings: Settings, sketch_ids, rcond):
             run_hessian_solve(lake_, sketch_id, rcond=DEFAULT_RCOND if rcond is None else rcond)
             for sketch_id in sketch_ids
         ]
-    _echo_all(ids)
+    _echo_all(lake_, ids)
 
 
 @hessian.command("eig")
@@ -190,7 +212,7 @@ def hessian_solve(settings: Settings, sketch_ids, rcond):
 @pass_settings
 def hessian_eig(settings: Settings, run_id, checkpoint, checkpoints, **options):
     """Top-k Hessian eigenpairs of a checkpoint (sketch + solve, or exact); prints the
-    hessian_eigs id(s)."""
+    hessian_eigs id(s), each with its top eigenvalues."""
     from curvlake.pipelines.hessian.solve import run_hessian_eig, run_hessian_eig_checkpoints
 
     where = _checkpoints(checkpoint, checkpoints)
@@ -203,7 +225,7 @@ def hessian_eig(settings: Settings, run_id, checkpoint, checkpoints, **options):
             ids = run_hessian_eig(
                 lake_, run_id, checkpoint=-1 if where is None else where, **options
             )
-    _echo_all(ids)
+    _echo_all(lake_, ids)
 
 
 @hessian.command("overlap")
@@ -223,7 +245,7 @@ def hessian_eig(settings: Settings, run_id, checkpoint, checkpoints, **options):
 @pass_settings
 def hessian_overlap(settings: Settings, eigs_ids, mask, mask_size):
     """Overlap of a mask with the top-k' eigenspaces, k' = 1..k (one hessian_overlap per
-    hessian_eigs); prints the id(s)."""
+    hessian_eigs); prints each id with its overlap at k' = k."""
     from curvlake.pipelines.hessian.overlap_pipeline import run_hessian_overlap
 
     lake_ = settings.lake()
@@ -232,7 +254,7 @@ def hessian_overlap(settings: Settings, eigs_ids, mask, mask_size):
             run_hessian_overlap(lake_, eigs_id, mask=mask, mask_size=mask_size)
             for eigs_id in eigs_ids
         ]
-    _echo_all(ids)
+    _echo_all(lake_, ids)
 
 
 @hessian.command("plot")

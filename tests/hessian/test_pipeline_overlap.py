@@ -121,7 +121,7 @@ def _cli(lake, *args):
     result = CliRunner().invoke(
         cli, ["--lake", lake.url, "--cluster", "sync", "hessian", *args], catch_exceptions=False
     )
-    return result, result.stdout.split()
+    return result, [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
 def test_cli_eig_overlap_plot_and_one_line_errors(setup, tmp_path):
@@ -129,8 +129,10 @@ def test_cli_eig_overlap_plot_and_one_line_errors(setup, tmp_path):
     common = ("--run", run, "--n-examples", "30", "--outer", "4", "--probes", "2")
     result, eigs = _cli(lake, "eig", *common, "--checkpoints", "all")
     assert result.exit_code == 0 and len(eigs) == 2
+    assert "sketch: top-4 eigenvalues" in result.stdout and "checkpoint 1" in result.stdout
     result, overlaps = _cli(lake, "overlap", *eigs, "--mask", "magnitude:global")
     assert result.exit_code == 0 and len(overlaps) == 2
+    assert "overlap at k'=4: " in result.stdout and "random mask" in result.stdout
     result, paths = _cli(lake, "plot", *overlaps, "--out", str(tmp_path / "f.png"))
     assert result.exit_code == 0 and paths == [str(tmp_path / "f.png")]
     result, sketches = _cli(lake, "sketch", *common, "--recovery", "hmt")
