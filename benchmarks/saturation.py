@@ -2,6 +2,7 @@
 
     python benchmarks/saturation.py            # cnn5_k k=16 and resnet18_k k=8 on digits
     python benchmarks/saturation.py --small    # cnn5_k k=8, 2 epochs, 1 repeat
+    python benchmarks/saturation.py --model cnn5_k --repeats 6
 
 Four trainings of the same model, data and optimizer, in one process, alternating, best of
 ``repeats``:
@@ -122,6 +123,10 @@ def measure(options: dict, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true")
+    parser.add_argument(
+        "--model", choices=["cnn5_k", "resnet18_k"], help="only this workload (default: both)"
+    )
+    parser.add_argument("--repeats", type=int, help="best of this many (default: 3 / 2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("delve").setLevel(logging.WARNING)
@@ -133,7 +138,8 @@ def main() -> None:
             ({"model": "resnet18_k", "model_params": {"k": 8}, "epochs": 2}, 2),
         ]
     for options, repeats in workloads:
-        measure(options, repeats)
+        if args.model in (None, options["model"]):
+            measure(options, args.repeats or repeats)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,15 @@ def test_torch_batches_are_cast_to_float64(rows):
     np.testing.assert_allclose(from_torch.m2, from_numpy.m2, rtol=0, atol=1e-10)
 
 
+def test_float64_torch_batches_are_left_as_they_were(rows):
+    """The batch is centred in place only on a private copy, never the caller's tensor."""
+    x = torch.tensor(rows, dtype=torch.float64)
+    before = x.clone()
+    moments = Moments.from_batch(x[10:])
+    assert torch.equal(x, before)
+    np.testing.assert_allclose(moments.m2, _sequential(rows[10:], len(rows)).m2, rtol=0, atol=1e-10)
+
+
 def test_arrays_round_trip_and_pickle(rows):
     moments = Moments.from_batch(rows)
     arrays = moments.to_arrays()

@@ -185,8 +185,16 @@ def _batch_moments(batch: Any) -> tuple[int, np.ndarray, np.ndarray]:
         if x.shape[0] == 0:
             d = int(x.shape[1])
             return 0, np.zeros(d), np.zeros((d, d))
-        mean = x.mean(dim=0)
-        centred = x - mean
+        if x.data_ptr() == batch.data_ptr():
+            x = x.clone()  # the caller's float64 array: centre a copy, never the original
+        mean = x.sum(dim=0) / x.shape[0]
+        centred = x.sub_(mean)
+        if centred.device.type == "cpu":
+            # NumPy's matmul recognises ``A.T @ A`` and calls BLAS syrk (half the flops, an
+            # exactly symmetric result): 2-3x faster than torch's GEMM on these tall, narrow
+            # observation matrices (benchmarks/RESULTS.md, saturation tracking).
+            rows = centred.numpy()
+            return int(x.shape[0]), mean.numpy(), rows.T @ rows
         m2 = centred.T @ centred
         return int(x.shape[0]), mean.cpu().numpy(), m2.cpu().numpy()
     xp = get_namespace(batch)
