@@ -185,10 +185,9 @@ def _batch_moments(batch: Any) -> tuple[int, np.ndarray, np.ndarray]:
         if x.shape[0] == 0:
             d = int(x.shape[1])
             return 0, np.zeros(d), np.zeros((d, d))
-        if x.data_ptr() == batch.data_ptr():
-            x = x.clone()  # the caller's float64 array: centre a copy, never the original
         mean = x.sum(dim=0) / x.shape[0]
-        centred = x.sub_(mean)
+        # centre the cast copy in place; a float64 batch is the caller's, centre out of place
+        centred = x.sub_(mean) if x.data_ptr() != batch.data_ptr() else x - mean
         if centred.device.type == "cpu":
             # NumPy's matmul recognises ``A.T @ A`` and calls BLAS syrk (half the flops, an
             # exactly symmetric result): 2-3x faster than torch's GEMM on these tall, narrow
