@@ -19,7 +19,7 @@ from curvlake.errors import (
     LakeError,
     SchemaError,
 )
-from curvlake.lake import artifact_id, open_lake
+from curvlake.lake import artifact_id, create_work_array, open_lake, write_regions
 from tests.lake._block_writer import ROWS_PER_BLOCK, write_matrix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,3 +221,15 @@ def test_error_while_writing_marks_failed_and_keeps_staging(tmp_path):
         lake.open(writer.id)
     resumed = lake.begin("dataset", {"will": "fail"})  # a rerun picks the staging up again
     assert resumed.resumed and "y" in resumed.group.array_keys()
+
+
+def test_write_regions_writes_every_region_of_a_work_group(tmp_path):
+    group = zarr.open_group(tmp_path / "work", mode="w")
+    rows = create_work_array(group, "rows", (3, 4), "float64", chunks=(1, 4))
+    flags = create_work_array(group, "flags", (3,), "int64", chunks=(1,))
+    rows[:] = 0.0
+    flags[:] = 0
+    write_regions([(rows, 1, np.arange(4.0)), (flags, slice(0, 2), [5, 6])])
+    np.testing.assert_array_equal(rows[:], [[0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(flags[:], [5, 6, 0])
+    write_regions([])  # nothing to write is no error

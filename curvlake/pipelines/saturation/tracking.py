@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from curvlake.errors import LakeError, UserInputError
-from curvlake.lake import Lake, artifact_id, create_work_array
+from curvlake.lake import Lake, artifact_id, create_work_array, write_regions
 from curvlake.nn.hooks import Recorder, feature_layers
 from curvlake.pipelines.saturation.moments import Moments, conv_features, sequence_features
 from curvlake.pipelines.saturation.spectrum import saturation_statistics
@@ -327,6 +327,7 @@ class TrainingTracker:
         )
         self.store = store
         self._memory: dict[int, list[LayerStatistics]] = {}
+        self._work: dict[str, zarr.Array] | None = None  # the work arrays, once opened
 
     @property
     def recorders(self) -> list[Recorder]:
@@ -358,11 +359,16 @@ class TrainingTracker:
         if self.store is None:
             self._memory[epoch] = rows
             return
-        arrays = self._arrays(rows)
+        if self._work is None:
+            self._work = self._arrays(rows)
+        arrays = self._work
         row = epoch - 1
-        arrays["eigenvalue"][row] = np.stack([r.eigenvalue for r in rows])
-        for name in _STAT_ARRAYS:
-            arrays[name][row] = np.stack([getattr(r, name) for r in rows])
+        write_regions(
+            [
+                (arrays[name], row, np.stack([getattr(r, name) for r in rows]))
+                for name in ("eigenvalue", *_STAT_ARRAYS)
+            ]
+        )
         arrays["epoch_done"][row] = 1  # last: the row counts once all of it is stored
 
     def _arrays(self, rows: list[LayerStatistics]) -> dict[str, zarr.Array]:
