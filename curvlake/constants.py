@@ -64,7 +64,7 @@ OBS_UPDATES = ("summed", "group")
 # -- Hessian eigenspaces ---------------------------------------------------------------------------
 #: Recovery modes of the sketched eigendecomposition (curvlake.pipelines.hessian.recovery):
 #: the seed's (outer sketch nested in the inner one) first, then skerch 1.x's.
-HESSIAN_RECOVERIES = ("recycled", "oversampled", "hmt", "nystrom", "singlepass")
+HESSIAN_RECOVERIES = ("recycled", "oversampled", "hmt", "krylov", "nystrom", "singlepass")
 #: Kinds of random test matrices (curvlake.pipelines.hessian.test_matrices).
 HESSIAN_NOISES = ("ssrft", "gaussian", "rademacher")
 #: How `curvlake hessian eig` finds the eigenpairs: sketched, or from the dense Hessian.

@@ -73,7 +73,8 @@ def _sketch_options(function):
                 "--recovery",
                 type=click.Choice(HESSIAN_RECOVERIES),
                 help="recycled (the seed's SkEIGH, s HVPs; default), oversampled (k + s), hmt "
-                "(2k, + 2k per power iteration), nystrom, singlepass (k).",
+                "(2k, + 2k per power iteration), krylov (block Krylov: 2k, + k per block; "
+                "the most accurate per HVP), nystrom, singlepass (k).",
             ),
             click.option(
                 "--noise",
@@ -83,7 +84,8 @@ def _sketch_options(function):
             click.option(
                 "--power-iters",
                 type=click.IntRange(min=0),
-                help="hmt: subspace iterations q (default 0).",
+                help="hmt: subspace iterations q; krylov: Krylov depth q, a basis of q + 1 "
+                "blocks of k columns (default 0).",
             ),
             click.option(
                 "--probes",

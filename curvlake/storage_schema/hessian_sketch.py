@@ -45,13 +45,15 @@ def _example():
 
 SPEC = ArtifactSpec(
     kind="hessian_sketch",
-    version="1.0",
+    version="1.1",
     description=(
         "Random measurements of the Hessian `A` of the mean loss of a checkpoint over a fixed "
         "data subset (`sample_id`), in eval mode: `outer` = `A Ω` (`recovery=recycled`: "
         "`Ω = Ψ[:, :k]`; `hmt`: the last power iterate), `inner` = `Φᵀ A Ψ` (column `j` is "
         "`Φᵀ (A ψ_j)`; recycled and oversampled), `basis` = `Q = orth(outer)` and "
-        "`basis_image` = `A Q` (hmt), `probe_image` = `A Ω_p` for the Gaussian a-posteriori "
+        "`basis_image` = `A Q` (hmt), `krylov_basis` = `[Q_0 … Q_q]` and `krylov_image` = its "
+        "products (krylov: the Rayleigh-Ritz core is `krylov_basisᵀ krylov_image`), "
+        "`probe_image` = `A Ω_p` for the Gaussian a-posteriori "
         "probes. The test matrices Ω, Ψ, Φ and Ω_p are not stored: they are "
         "`curvlake.pipelines.hessian.test_matrices.RandomTestMatrix(noise, seed, operator, "
         "shape)` with operators `outer`, `inner_right`, `inner_left` and `probe` "
@@ -87,6 +89,20 @@ SPEC = ArtifactSpec(
             variants=("hmt",),
         ),
         ArraySpec(
+            "krylov_basis",
+            ("param", "krylov_column"),
+            "float",
+            "the block Krylov basis [Q_0 … Q_q], block j in columns [jk, (j+1)k) (krylov)",
+            variants=("krylov",),
+        ),
+        ArraySpec(
+            "krylov_image",
+            ("param", "krylov_column"),
+            "float",
+            "A [Q_0 … Q_q], the products of the Krylov basis (krylov)",
+            variants=("krylov",),
+        ),
+        ArraySpec(
             "probe_image",
             ("param", "probe"),
             "float",
@@ -108,12 +124,12 @@ SPEC = ArtifactSpec(
         _table_array("layer_shape", "str", "tensor shape, comma separated"),
     ),
     attrs=(
-        AttrSpec("recovery", "recycled, oversampled, hmt, nystrom or singlepass"),
+        AttrSpec("recovery", "recycled, oversampled, hmt, krylov, nystrom or singlepass"),
         AttrSpec("noise", "test-matrix kind: ssrft, gaussian, rademacher (or seed_ssrft)"),
         AttrSpec("seed", "seed of the test matrices"),
         AttrSpec("k", "outer sketch size (eigenpairs recovered)"),
         AttrSpec("s", "inner sketch size (recycled, oversampled; else null)"),
-        AttrSpec("power_iters", "subspace iterations (hmt)"),
+        AttrSpec("power_iters", "subspace iterations (hmt) or Krylov depth (krylov)"),
         AttrSpec("n_probes", "Gaussian a-posteriori probes measured"),
         AttrSpec("n_params", "P, the length of θ"),
         AttrSpec("n_hvps", "Hessian-vector products spent"),

@@ -54,6 +54,8 @@ def _eig(lake, run, **options):
         ("recycled", "ssrft"),
         ("oversampled", "gaussian"),
         ("hmt", "rademacher"),
+        ("krylov", "gaussian"),
+        ("krylov", "ssrft"),
         ("nystrom", "ssrft"),
         ("singlepass", "gaussian"),
     ],
@@ -61,9 +63,10 @@ def _eig(lake, run, **options):
 def test_pipeline_matches_the_in_memory_reference(setup, operator, mode, noise):
     lake, run = setup
     s = INNER.get(mode)
-    iters = 1 if mode == "hmt" else None
+    iters = {"hmt": 1, "krylov": 2}.get(mode)
+    block = 4 if mode == "krylov" else 5  # krylov: a divisor of k
     eigs = lake.open(
-        _eig(lake, run, recovery=mode, noise=noise, s=s, power_iters=iters, block_size=5)
+        _eig(lake, run, recovery=mode, noise=noise, s=s, power_iters=iters, block_size=block)
     )
     ref = sketched_eigh(
         operator.matmat,
@@ -85,7 +88,7 @@ def test_pipeline_matches_the_in_memory_reference(setup, operator, mode, noise):
     assert (eigs.attrs["n_hvps"], eigs.attrs["n_passes"]) == tuple(expected) == tuple(ref.budget)
     sketch = lake.group(eigs.attrs["sketch"]).attrs
     widest = max(INNER.get(mode, K), 5)  # task i takes block i of every source of its round
-    tasks = -(-widest // 5) + (expected.data_passes - 1) * -(-K // 5)
+    tasks = -(-widest // block) + (expected.data_passes - 1) * -(-K // block)
     assert sketch["n_data_passes"] == tasks
 
 
@@ -126,7 +129,7 @@ def test_low_rank_hessian_is_recovered_exactly(tmp_path):
 @pytest.mark.slow
 def test_low_rank_hessian_is_recovered_exactly_by_every_mode(tmp_path):
     case = _low_rank_case(tmp_path)
-    for mode in ("oversampled", "hmt", "nystrom", "singlepass"):
+    for mode in ("oversampled", "hmt", "krylov", "nystrom", "singlepass"):
         _check_recovered(*case, mode)
 
 

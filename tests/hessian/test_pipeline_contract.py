@@ -77,3 +77,25 @@ class TestExactContract(PipelineContract):
     def run(self, lake, inputs, **options):
         options = {"n_examples": 40, "k": 8, "dtype": "float64", "block_size": 100, **options}
         return run_hessian_eig(lake, inputs["run_id"], method="exact", progress=False, **options)
+
+
+class TestKrylovContract(PipelineContract):
+    """Sketch + solve with block Krylov (depth 2: four rounds, the TSQRs of the growing basis
+    between them); the block size divides k, as krylov needs."""
+
+    module = sketch
+    arrays = ("eigenvalues", "eigenvectors", "probe_norms")
+    block_sizes = (2, 8)
+    rtol = 1e-8
+    bad_options: ClassVar = [
+        ({"block_size": 3}, r"--block-size must divide k; got 3"),
+        ({"power_iters": 80}, r"\(power_iters \+ 1\) \* k = 648 columns, more than D=610"),
+        ({"s": 16}, r"mode 'krylov' has no inner sketch"),
+    ]
+
+    def make_inputs(self, lake):
+        return {"run_id": train_tiny_run(lake)}
+
+    def run(self, lake, inputs, **options):
+        options = {**_SMALL, "recovery": "krylov", "power_iters": 2, "block_size": 4, **options}
+        return run_hessian_eig(lake, inputs["run_id"], progress=False, **options)

@@ -11,6 +11,7 @@ from curvlake.pipelines.hessian.recovery import (
     check_sketch_config,
     core_from_projections,
     eigh_core,
+    extend_krylov_basis,
     nystrom_shift,
     orthonormalize,
     project,
@@ -115,6 +116,8 @@ def test_oversampled_expected_error_below_the_tyuc_bound(mode):
     [
         ("hmt", None, 0, 0),
         ("hmt", None, 2, 5),
+        ("krylov", None, 0, 0),
+        ("krylov", None, 3, 4),
         ("oversampled", S, 0, 3),
         ("recycled", S, 0, 0),
         ("recycled", S, 0, 4),
@@ -134,6 +137,8 @@ def test_budget_table():
     k, s = 100, 200
     assert budget("hmt", k) == (2 * k, 2)
     assert budget("hmt", k, power_iters=3) == (8 * k, 8)
+    assert budget("krylov", k) == (2 * k, 2)
+    assert budget("krylov", k, power_iters=3) == (5 * k, 5)
     assert budget("oversampled", k, s) == (k + s, 1)
     assert budget("recycled", k, s) == (s, 1)
     assert budget("nystrom", k) == (k, 1)
@@ -149,7 +154,8 @@ def test_budget_table():
         (("oversampled", 5), "needs the inner sketch size"),
         (("recycled", 5, 4), "must be >= k"),
         (("hmt", 5, 10), "no inner sketch"),
-        (("nystrom", 5, None, 1), "needs mode 'hmt'"),
+        (("nystrom", 5, None, 1), "needs mode 'hmt' or 'krylov'"),
+        (("krylov", 5, 10), "no inner sketch"),
         (("hmt", 5, None, -1), "power_iters"),
     ],
 )
@@ -163,6 +169,46 @@ def test_config_validation_against_the_dimension():
         check_sketch_config("recycled", 5, 50, dim=40)
     with pytest.raises(UserInputError, match="exceeds the dimension"):
         sketched_eigh(lambda x: x, 4, 5, mode="hmt")
+    with pytest.raises(UserInputError, match=r"\* k = 45 columns, more than D=40"):
+        check_sketch_config("krylov", 5, None, 8, dim=40)
+
+
+def test_extend_krylov_basis_is_orthonormal_and_orthogonal_to_the_basis():
+    rng = np.random.default_rng(0)
+    basis = orthonormalize(rng.standard_normal((D, 12)))[0]
+    image = rng.standard_normal((D, 6))
+    image[:, 5] = basis @ rng.standard_normal(12)  # no new direction in this column
+    new = extend_krylov_basis(basis, image)
+    assert new.shape == (D, 6)
+    np.testing.assert_allclose(new.T @ new, np.eye(6), atol=1e-13)
+    np.testing.assert_allclose(basis.T @ new, 0, atol=1e-13)
+    # together they span the image
+    both = np.concatenate([basis, new], axis=1)
+    np.testing.assert_allclose(both @ (both.T @ image[:, :5]), image[:, :5], atol=1e-12)
+
+
+def test_krylov_is_exact_once_its_basis_covers_the_rank():
+    """Rank 20 > k = 8, but the Krylov basis (q + 1) k = 24 columns spans range(A)."""
+    lam = low_rank_indefinite(D, 20)
+    a, _ = symmetric(lam, seed=4)
+    res = sketched_eigh(lambda x: a @ x, D, 8, mode="krylov", kind="gaussian", power_iters=2)
+    expected = lam[np.argsort(-np.abs(lam), kind="stable")][:8]
+    np.testing.assert_allclose(res.eigenvalues, expected, atol=1e-9)
+    hmt = sketched_eigh(lambda x: a @ x, D, 8, mode="hmt", kind="gaussian", power_iters=2)
+    assert np.abs(hmt.eigenvalues - expected).max() > 1e-6  # HMT's basis is only k wide
+
+
+def test_krylov_beats_hmt_at_fewer_hvps_on_a_decaying_spectrum():
+    """Block Krylov's Rayleigh-Ritz on the whole Krylov space: with 5k HVPs it is more
+    accurate on the top eigenvalues than HMT with 6k (q = 2)."""
+    lam = poly_decay(D, 1.0) * np.where(np.arange(D) % 3 == 0, -1.0, 1.0)
+    a, _ = symmetric(lam, seed=5)
+    expected = lam[np.argsort(-np.abs(lam), kind="stable")][:6]
+    errors = {}
+    for mode, q in (("krylov", 3), ("hmt", 2)):
+        res = sketched_eigh(lambda x: a @ x, D, 10, mode=mode, kind="gaussian", power_iters=q)
+        errors[mode] = np.abs(res.eigenvalues[:6] - expected).max() / abs(expected[0])
+    assert errors["krylov"] < errors["hmt"] / 10
 
 
 def _row_block_sum(fn, n_rows, block):
@@ -191,6 +237,9 @@ def test_core_is_invariant_to_the_row_blocking_of_the_projections(mode):
 
         projections = {
             "hmt": {"qt_aq": _row_block_sum(lambda r0, r1: project(q[r0:r1], aq[r0:r1]), D, block)},
+            "krylov": {
+                "qt_aq": _row_block_sum(lambda r0, r1: project(q[r0:r1], aq[r0:r1]), D, block)
+            },
             "singlepass": {"r": r, "omega_t_q": rows(omega, q)},
             "nystrom": {"r": r, "omega_t_y": rows(omega, y)},
         }.get(mode, {"inner": rows(phi, a_psi), "phi_t_q": rows(phi, q), "psi_t_q": rows(psi, q)})

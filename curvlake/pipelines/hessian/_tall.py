@@ -174,12 +174,15 @@ def transpose_project(matrix: Any, x: Any, rows: int, width: int):
 # -- QR and rotations ---------------------------------------------------------------------------
 
 
-def orthonormalize_into(y: da.Array, target: Any) -> np.ndarray:
-    """Thin QR ``Y = Q R`` by Dask's TSQR over the row blocks of ``y``; ``Q`` is stored into
-    ``target`` block by block (each block writes whole chunks of it) and ``R`` returned
-    (float64, host)."""
+def orthonormalize_into(y: da.Array, target: Any, last: int | None = None) -> np.ndarray:
+    """Thin QR ``Y = Q R`` by Dask's TSQR over the row blocks of ``y``; ``Q`` (or its ``last``
+    columns only: a block Krylov extension, :func:`~curvlake.pipelines.hessian.recovery.
+    extend_krylov_basis`) is stored into ``target`` block by block (each block writes whole
+    chunks of it) and ``R`` returned (float64, host)."""
     on_device = y.map_blocks(on_worker_device, dtype=y.dtype, meta=np.empty((0, 0), y.dtype))
     q, r = da.linalg.tsqr(on_device)
+    if last is not None:
+        q = q[:, q.shape[1] - last :]
     stored = da.store(
         q.map_blocks(_host, dtype=q.dtype, meta=np.empty((0, 0), q.dtype)),
         target,

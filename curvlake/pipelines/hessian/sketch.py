@@ -18,6 +18,12 @@ nystrom,       round 0: Ω (``k``)
 singlepass
 hmt            round 0: Ω; then per power iteration two rounds ``Y ← A orth(Y)``; then
                ``Q = orth(Y)`` and a last round ``A Q`` (``2 + 2q`` rounds)
+krylov         round 0: Ω (``Y = A Ω``, stored as ``outer``); ``Q_0 = orth(Y)``; then per
+               block ``j = 0..q`` a round ``A Q_j``, and (before the next one) ``Q_{j+1}`` =
+               the last ``k`` columns of a TSQR of ``[Q_0 … Q_j | A Q_j]`` (``2 + q``
+               rounds). The blocks sit side by side in ``krylov_basis`` /
+               ``krylov_image``, so the block size must divide ``k`` (each task still
+               writes whole chunks)
 ============== ==========================================================================
 
 plus, in round 0, the ``q`` Gaussian probes of the a-posteriori error estimate. The columns of
@@ -37,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
 from curvlake.constants import HESSIAN_NOISES, HESSIAN_RECOVERIES
@@ -154,6 +161,42 @@ class StoredColumns:
 
     def columns(self, start: int, stop: int, dtype: Any = np.float64) -> np.ndarray:
         return np.asarray(self.array[:, start:stop], dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ColumnWindow:
+    """Columns ``[start, start + width)`` of a stored ``(param, column)`` array, addressed from
+    0: one Krylov block of ``krylov_basis`` / ``krylov_image`` (a source, a task's target, a
+    Dask array and a ``da.store`` target)."""
+
+    array: Any
+    start: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.array.shape[0]), self.width)
+
+    @property
+    def dtype(self) -> Any:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def _columns(self, key: tuple) -> tuple:
+        rows, cols = key
+        lo, hi, step = cols.indices(self.width)
+        if step != 1:
+            raise ValueError("a column window takes contiguous column slices")
+        return rows, slice(self.start + lo, self.start + hi)
+
+    def __getitem__(self, key: tuple) -> Any:
+        return self.array[self._columns(key)]
+
+    def __setitem__(self, key: tuple, value: Any) -> None:
+        self.array[self._columns(key)] = value
 
 
 @dataclass(frozen=True)
@@ -362,6 +405,42 @@ def _orthonormalize_stage(writer: ArtifactWriter, name: str, y: Any, target: Any
         stage.mark_done(0)
 
 
+def _measure_krylov(
+    writer: ArtifactWriter,
+    planner: _Planner,
+    context: HvpContext,
+    outer: Any,
+    param_array: Any,
+    k: int,
+    iters: int,
+    rows: int,
+    progress: bool,
+) -> None:
+    """The rounds of ``krylov`` after round 0 (module docstring): ``krylov_basis`` holds
+    ``[Q_0 … Q_q]``, ``krylov_image`` their products, block ``j`` in columns ``[jk, (j+1)k)``."""
+    basis = param_array("krylov_basis", (iters + 1) * k)
+    image = param_array("krylov_image", (iters + 1) * k)
+    _orthonormalize_stage(writer, "qr_0", outer, ColumnWindow(basis, 0, k), rows)
+    for j in range(iters + 1):
+        if j:
+            stage = writer.progress(f"qr_{j}", 1)
+            if stage.pending():
+                known = tall(ColumnWindow(basis, 0, j * k), rows)
+                newest = tall(ColumnWindow(image, (j - 1) * k, k), rows)
+                orthonormalize_into(
+                    da.concatenate([known, newest], axis=1).rechunk((rows, (j + 1) * k)),
+                    ColumnWindow(basis, j * k, k),
+                    last=k,
+                )
+                stage.mark_done(0)
+        block = ColumnWindow(basis, j * k, k)
+        step = planner.round(
+            f"round_{j + 1}",
+            [(StoredColumns(block), k, _columns_into(ColumnWindow(image, j * k, k)), None)],
+        )
+        run_round(step, context, progress)
+
+
 # -- the entry point ---------------------------------------------------------------------------
 
 
@@ -413,6 +492,17 @@ def _sketch_options(
     if s is None and recovery in _INNER_MODES:
         s = min(2 * int(k), n_params) if isinstance(k, int) else s
     check_sketch_config(recovery, k, s, power_iters or 0, dim=n_params)
+    block = resolve_block_size(block_size, n_params, dtype, chunk_bytes)
+    basis_width = int(k)
+    if recovery == "krylov":
+        basis_width = (int(power_iters or 0) + 1) * int(k)
+        if block_size is None:
+            block = max(d for d in range(1, min(block, int(k)) + 1) if int(k) % d == 0)
+        elif int(k) % block:
+            raise UserInputError(
+                f"--recovery krylov stores its Krylov blocks of k={k} columns side by side, "
+                f"so --block-size must divide k; got {block_size}"
+            )
     return SketchOptions(
         recovery=recovery,
         noise=noise,
@@ -421,8 +511,10 @@ def _sketch_options(
         power_iters=int(power_iters or 0),
         n_probes=DEFAULT_PROBES if probes is None else int(probes),
         seed=int(seed),
-        block_size=resolve_block_size(block_size, n_params, dtype, chunk_bytes),
-        param_block_size=int(param_block_size or param_block_rows(n_params, int(k), chunk_bytes)),
+        block_size=block,
+        param_block_size=int(
+            param_block_size or param_block_rows(n_params, basis_width, chunk_bytes)
+        ),
         dtype=dtype,
         batch_size=batch_size,
     )
@@ -480,9 +572,11 @@ def run_hessian_sketch(
         s: inner sketch size (``recycled``, ``oversampled``; default ``min(2k, D)``); refused
             by the other modes.
         recovery: ``recycled`` (the seed's SkEIGH, ``s`` HVPs), ``oversampled`` (``k + s``),
-            ``hmt`` (``(2 + 2q) k``), ``nystrom`` or ``singlepass`` (``k``).
+            ``hmt`` (``(2 + 2q) k``), ``krylov`` (``(2 + q) k``), ``nystrom`` or
+            ``singlepass`` (``k``).
         noise: test matrices: ``ssrft``, ``gaussian`` or ``rademacher``.
-        power_iters: ``hmt`` only: subspace iterations ``q`` (two rounds each).
+        power_iters: ``hmt``: subspace iterations ``q`` (two rounds each); ``krylov``: the
+            Krylov depth ``q`` (a basis of ``q + 1`` blocks of ``k`` columns, one round each).
         probes: Gaussian probes for the a-posteriori error (default :data:`DEFAULT_PROBES`).
         seed: seed of the test matrices (and of the balanced draw).
         block_size: columns per task and per stored chunk (default: by the chunk budget).
@@ -585,7 +679,7 @@ def _measure_sketch(
 
     work = writer.work_group("sketch")
     first_segments = {"recycled": [s], "oversampled": [k, s]}.get(mode, [k]) + ([q] if q else [])
-    n_rounds = 2 + 2 * iters if mode == "hmt" else 1
+    n_rounds = {"hmt": 2 + 2 * iters, "krylov": 2 + iters}.get(mode, 1)
     n_tasks = tasks_per_round(first_segments, b) + (n_rounds - 1) * tasks_per_round([k], b)
     counters = _work_array(work, "counters", (n_tasks, 2), "int64", (1, 2))
     planner = _Planner(writer, b, counters)
@@ -635,6 +729,8 @@ def _measure_sketch(
             f"round_{n_rounds - 1}", [(StoredColumns(basis), k, _columns_into(image), None)]
         )
         run_round(last, context, progress)
+    elif mode == "krylov":
+        _measure_krylov(writer, planner, context, outer, param_array, k, iters, rows, progress)
 
     spent = np.asarray(counters[:], dtype=np.int64)
     expected = budget(mode, k, s, iters, q)

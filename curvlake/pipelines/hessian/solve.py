@@ -5,10 +5,12 @@ The solve is the tall part of :func:`~curvlake.pipelines.hessian.recovery.sketch
 Dask, with the small part in memory:
 
 1. ``Y = Q R``: Dask TSQR over the row blocks of the stored ``(param, k)`` outer sketch; ``Q``
-   goes to the staging area row block by row block (HMT stored its basis with the sketch).
+   goes to the staging area row block by row block (HMT and Krylov stored their bases with the
+   sketch).
 2. The projections the mode needs, as row-block map-reduces (SSRFT: a transform per block of
    whole columns): ``Φᵀ Q`` and ``Ψᵀ Q`` (recycled, oversampled), ``Ωᵀ Q`` (singlepass),
-   ``Ωᵀ Y`` (nystrom), ``Qᵀ (A Q)`` (hmt), and ``Qᵀ Ω_p`` for the error probes.
+   ``Ωᵀ Y`` (nystrom), ``Qᵀ (A Q)`` (hmt; krylov: ``Bᵀ (A B)`` of its whole stored basis,
+   whose ``k`` Ritz pairs of largest ``|λ|`` are kept), and ``Qᵀ Ω_p`` for the error probes.
 3. The core in float64, symmetrized, diagonalized, ordered by ``|λ|``
    (:func:`~curvlake.pipelines.hessian.recovery.core_from_projections`).
 4. ``U = Q W``, stored row block by row block, each eigenvector signed so that its entry of
@@ -182,9 +184,10 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
 
     tasks: dict[str, Any] = {}
     r = None
-    if mode == "hmt":
-        q_tall = tall(ds["basis"].data, rows)
-        tasks["qt_aq"] = row_block_reduce(_cross_rows, [q_tall, tall(ds["basis_image"].data, rows)])
+    if mode in ("hmt", "krylov"):
+        names = ("basis", "basis_image") if mode == "hmt" else ("krylov_basis", "krylov_image")
+        q_tall = tall(ds[names[0]].data, rows)
+        tasks["qt_aq"] = row_block_reduce(_cross_rows, [q_tall, tall(ds[names[1]].data, rows)])
     else:
         work = writer.work_group("solve")
         basis = _work_array(work, "q", (dim, k), dtype, (rows, width))
@@ -217,7 +220,7 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
         omega_t_q=small.get("omega_t_q"),
         rcond=rcond,
     )
-    rotation, lam = solution.rotation, solution.eigenvalues
+    rotation, lam = solution.rotation[:, :k], solution.eigenvalues[:k]
     follow = {"signs": sign_convention(q_tall, rotation)}
     if q:
         coef = rotation.T @ small["qt_probes"]
