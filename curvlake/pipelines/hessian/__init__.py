@@ -12,8 +12,7 @@ Layer-1 kernels (pure NumPy / CuPy functions, no Dask, no lake):
   matrices generated block by block, and the SSRFT with its adjoint;
 * :mod:`curvlake.pipelines.hessian.recovery`: QR and core steps of the six recovery modes
   (``hmt``, ``krylov``, ``oversampled``, ``recycled``, ``nystrom``, ``singlepass``), their HVP
-  and data-pass
-  budgets, the a-posteriori error estimate and the scree bounds;
+  and data-pass budgets, the a-posteriori error estimate and the scree bounds;
 * :mod:`curvlake.pipelines.hessian.overlap`: the mask overlap curve, its random baseline, IoU
   and the Grassmannian metrics from principal angles, all as row-block partials plus a finalize
   step.

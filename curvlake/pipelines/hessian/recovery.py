@@ -494,9 +494,7 @@ def core_from_projections(
         raise UserInputError(f"unknown sketch mode {mode!r}: use one of {list(MODES)}")
     if not 0 <= rcond < 1:
         raise UserInputError(f"rcond must be in [0, 1), got {rcond}")
-    if mode == "hmt":
-        return eigh_core(hmt_core(qt_aq))
-    if mode == "krylov":
+    if mode in _ITERATED_MODES:
         return eigh_core(hmt_core(qt_aq))
     if mode in _INNER_MODES:
         return eigh_core(oversampled_core(inner, phi_t_q, psi_t_q, rcond))

@@ -397,11 +397,14 @@ def run_round(round_: Round, context: HvpContext, progress: bool) -> None:
         )
 
 
-def _orthonormalize_stage(writer: ArtifactWriter, name: str, y: Any, target: Any, rows: int):
-    """``target = orth(y)`` by TSQR, once (a one-block progress record makes it resumable)."""
+def _orthonormalize_stage(
+    writer: ArtifactWriter, name: str, y: Any, target: Any, rows: int, last: int | None = None
+):
+    """``target = orth(y)`` (or its ``last`` columns) by TSQR, once (a one-block progress
+    record makes it resumable)."""
     stage = writer.progress(name, 1)
     if stage.pending():
-        orthonormalize_into(tall(y, rows), target)
+        orthonormalize_into(tall(y, rows), target, last=last)
         stage.mark_done(0)
 
 
@@ -420,20 +423,15 @@ def _measure_krylov(
     ``[Q_0 … Q_q]``, ``krylov_image`` their products, block ``j`` in columns ``[jk, (j+1)k)``."""
     basis = param_array("krylov_basis", (iters + 1) * k)
     image = param_array("krylov_image", (iters + 1) * k)
-    _orthonormalize_stage(writer, "qr_0", outer, ColumnWindow(basis, 0, k), rows)
     for j in range(iters + 1):
-        if j:
-            stage = writer.progress(f"qr_{j}", 1)
-            if stage.pending():
-                known = tall(ColumnWindow(basis, 0, j * k), rows)
-                newest = tall(ColumnWindow(image, (j - 1) * k, k), rows)
-                orthonormalize_into(
-                    da.concatenate([known, newest], axis=1).rechunk((rows, (j + 1) * k)),
-                    ColumnWindow(basis, j * k, k),
-                    last=k,
-                )
-                stage.mark_done(0)
         block = ColumnWindow(basis, j * k, k)
+        if j == 0:
+            _orthonormalize_stage(writer, "qr_0", outer, block, rows)
+        else:
+            known = tall(ColumnWindow(basis, 0, j * k), rows)
+            newest = tall(ColumnWindow(image, (j - 1) * k, k), rows)
+            extended = da.concatenate([known, newest], axis=1)
+            _orthonormalize_stage(writer, f"qr_{j}", extended, block, rows, last=k)
         step = planner.round(
             f"round_{j + 1}",
             [(StoredColumns(block), k, _columns_into(ColumnWindow(image, j * k, k)), None)],
