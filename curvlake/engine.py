@@ -25,6 +25,26 @@ from curvlake.progress import progress_bar
 
 CLUSTERS = ("auto", "local", "cuda", "slurm", "sync")
 
+#: Environment variables of the worker processes curvlake starts, added to Dask's
+#: ``distributed.nanny.pre-spawn-environ`` (a value configured there, or set in the
+#: environment, wins). Dask sets glibc's ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand
+#: freed memory back to the OS; setting any malloc threshold also pins glibc's mmap threshold
+#: at 128 KiB (it no longer adapts), so every buffer above 128 KiB, i.e. every activation of a
+#: forward pass, is a fresh ``mmap`` faulted in page by page and unmapped after use: torch's
+#: HVPs of a small CNN ran 1.44x slower in a worker than in the calling process
+#: (benchmarks/RESULTS.md, Hessian part 5). 32 MiB is glibc's own adaptive maximum (64-bit):
+#: buffers below it come from the heap, whose free top the trim threshold still returns;
+#: larger ones are still mapped and unmapped.
+WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+
+
+@contextlib.contextmanager
+def _worker_environ() -> Iterator[None]:
+    """Dask's pre-spawn environment plus :data:`WORKER_ENVIRON`, while a cluster starts."""
+    configured = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**WORKER_ENVIRON, **configured}}):
+        yield
+
 
 def _gpu_count() -> int:
     try:
@@ -88,23 +108,28 @@ def get_client(
             )
         from dask_cuda import LocalCUDACluster
 
-        cuda = LocalCUDACluster(
-            threads_per_worker=1, resources={"GPU": 1}, memory_limit=memory_limit, **cluster_kwargs
-        )
+        with _worker_environ():
+            cuda = LocalCUDACluster(
+                threads_per_worker=1,
+                resources={"GPU": 1},
+                memory_limit=memory_limit,
+                **cluster_kwargs,
+            )
         return Client(cuda)
     cores = os.cpu_count() or 1
     n_workers = n_workers or max(1, min(cores, 4))
     threads_per_worker = threads_per_worker or max(1, cores // n_workers)
-    local = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=cluster_kwargs.pop("processes", True),
-        memory_limit=memory_limit,
-        # A free port: a fixed one warns "port in use" whenever two commands run at once.
-        dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"),
-        silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
-        **cluster_kwargs,
-    )
+    with _worker_environ():
+        local = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=cluster_kwargs.pop("processes", True),
+            memory_limit=memory_limit,
+            # A free port: a fixed one warns "port in use" whenever two commands run at once.
+            dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"),
+            silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
+            **cluster_kwargs,
+        )
     return Client(local)
 
 
@@ -263,6 +288,19 @@ def slurm_cluster_kwargs(
     if local_directory is not None:
         kwargs["local_directory"] = local_directory
     kwargs.update(extra)
+    # The workers' environment (WORKER_ENVIRON) is exported by the job script, after the
+    # prologue given or configured (passing one replaces the configured one), unless it
+    # exports those variables itself.
+    prologue = list(
+        extra.get("job_script_prologue")
+        or dask.config.get("jobqueue.slurm.job-script-prologue", None)
+        or []
+    )
+    kwargs["job_script_prologue"] = prologue + [
+        f"export {name}={value}"
+        for name, value in WORKER_ENVIRON.items()
+        if not any(line.strip().startswith(f"export {name}=") for line in prologue)
+    ]
     # Passing scheduler_options replaces the configured ones: merge them instead. A free
     # dashboard port, as for local clusters: a fixed one clashes when two commands run.
     kwargs["scheduler_options"] = {

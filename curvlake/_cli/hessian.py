@@ -114,6 +114,16 @@ def _sketch_options(function):
     return function
 
 
+_EIGS_OPTION = click.option(
+    "--eigs",
+    "n_eigs",
+    type=click.IntRange(min=1),
+    help="Eigenpairs kept (default k). krylov keeps up to (q + 1) k Ritz pairs: e.g. "
+    "--outer 5 --power-iters 12 --eigs 20 (blocks of 5 HVPs, like Lanczos); other modes at "
+    "most k.",
+)
+
+
 def _checkpoints(checkpoint, checkpoints):
     if checkpoint is not None and checkpoints is not None:
         raise click.UsageError("give --checkpoint or --checkpoints, not both")
@@ -180,8 +190,9 @@ def hessian_sketch(settings: Settings, run_id, checkpoint, checkpoints, **option
     type=click.FloatRange(0, 1, max_open=True),
     help="Relative cutoff of the core's least-squares solves (default 1e-6).",
 )
+@_EIGS_OPTION
 @pass_settings
-def hessian_solve(settings: Settings, sketch_ids, rcond):
+def hessian_solve(settings: Settings, sketch_ids, rcond, n_eigs):
     """Eigenpairs of hessian_sketch artifacts (TSQR, projections, core); prints the
     hessian_eigs id(s), each with its top eigenvalues."""
     from curvlake.pipelines.hessian.recovery import DEFAULT_RCOND
@@ -190,7 +201,12 @@ def hessian_solve(settings: Settings, sketch_ids, rcond):
     lake_ = settings.lake()
     with settings.cluster_session():
         ids = [
-            run_hessian_solve(lake_, sketch_id, rcond=DEFAULT_RCOND if rcond is None else rcond)
+            run_hessian_solve(
+                lake_,
+                sketch_id,
+                rcond=DEFAULT_RCOND if rcond is None else rcond,
+                n_eigs=n_eigs,
+            )
             for sketch_id in sketch_ids
         ]
     _echo_all(lake_, ids)
@@ -211,6 +227,7 @@ def hessian_solve(settings: Settings, sketch_ids, rcond):
     type=click.FloatRange(0, 1, max_open=True),
     help="Relative cutoff of the core's least-squares solves (default 1e-6).",
 )
+@_EIGS_OPTION
 @pass_settings
 def hessian_eig(settings: Settings, run_id, checkpoint, checkpoints, **options):
     """Top-k Hessian eigenpairs of a checkpoint (sketch + solve, or exact); prints the

@@ -187,6 +187,39 @@ def test_solve_reuses_its_artifact_and_eig_over_checkpoints(setup):
     assert [lake.group(i).attrs["checkpoint"] for i in ids] == [0, 1]
 
 
+def test_krylov_keeps_more_ritz_pairs_than_its_block_as_the_kernel_does(setup, operator):
+    """Blocks of 4, depth 3, 10 Ritz pairs: the pipeline's solve keeps what the kernel keeps;
+    a later solve of the same sketch with another n_eigs is its own artifact, and asking for
+    more than the basis holds is refused before anything is staged."""
+    lake, run = setup
+    options = {"recovery": "krylov", "noise": "gaussian", "power_iters": 3, "k": 4}
+    eigs_id = _eig(lake, run, n_eigs=10, block_size=4, **options)
+    eigs = lake.open(eigs_id)
+    ref = sketched_eigh(
+        operator.matmat,
+        operator.n_params,
+        4,
+        mode="krylov",
+        kind="gaussian",
+        seed=0,
+        power_iters=3,
+        n_eigs=10,
+        n_probes=5,
+    )
+    np.testing.assert_allclose(eigs["eigenvalues"].values, ref.eigenvalues, rtol=1e-9, atol=1e-12)
+    assert eigs["eigenvectors"].shape == (operator.n_params, 10)
+    assert projector_distance(eigs["eigenvectors"].values, ref.eigenvectors) < 1e-8
+    assert eigs.attrs["err2"] == pytest.approx(ref.error.err2, rel=1e-9)
+    assert (eigs.attrs["k"], eigs.attrs["outer"]) == (10, 4)
+    sketch = eigs.attrs["sketch"]
+    four = run_hessian_solve(lake, sketch)
+    assert four != eigs_id and lake.open(four)["eigenvalues"].shape == (4,)
+    before = sorted(i.id for i in lake.list())
+    with pytest.raises(UserInputError, match=r"^n_eigs=17 is more eigenpairs than the Krylov"):
+        run_hessian_solve(lake, sketch, n_eigs=17)
+    assert sorted(i.id for i in lake.list()) == before
+
+
 def test_subsets_first_and_class_balanced(setup):
     lake, run = setup
     info = resolve_run(lake, run)
@@ -219,6 +252,12 @@ def test_subsets_first_and_class_balanced(setup):
         ({"method": "exact", "probes": None, "k": 611}, r"k=611 is not valid"),
         ({"n_examples": 5000}, r"n_examples=5000 is not valid"),
         ({"rcond": 2.0}, r"rcond=2.0 is not valid"),
+        (
+            {"recovery": "krylov", "k": 4, "power_iters": 2, "n_eigs": 13},
+            r"n_eigs=13 is more eigenpairs than the Krylov basis of \(power_iters \+ 1\) \* k = 12",
+        ),
+        ({"recovery": "hmt", "n_eigs": 9}, r"n_eigs=9 is more eigenpairs than k=8 in mode 'hmt'"),
+        ({"method": "exact", "probes": None, "n_eigs": 3}, r"n_eigs does not apply to --method"),
     ],
 )
 def test_bad_input_is_refused_before_staging(setup, options, message):

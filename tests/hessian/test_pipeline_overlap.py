@@ -138,6 +138,12 @@ def test_cli_eig_overlap_plot_and_one_line_errors(setup, tmp_path):
     result, sketches = _cli(lake, "sketch", *common, "--recovery", "hmt")
     result, solved = _cli(lake, "solve", *sketches)
     assert result.exit_code == 0 and solved[0].startswith("hessian_eigs-")
+    krylov = ("--recovery", "krylov", "--power-iters", "2")
+    result, sketches = _cli(lake, "sketch", *common, *krylov)
+    result, solved = _cli(lake, "solve", *sketches, "--eigs", "10")
+    assert result.exit_code == 0 and "top-10 eigenvalues" in result.stdout
+    result, _ = _cli(lake, "solve", *sketches, "--eigs", "13")
+    assert result.exit_code == 1 and "n_eigs=13 is more eigenpairs than the Krylov" in result.output
     result, _ = _cli(lake, "eig", *common, "--recovery", "hmt", "--inner", "8")
     assert result.exit_code == 1 and "mode 'hmt' has no inner sketch" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

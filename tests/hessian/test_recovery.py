@@ -8,6 +8,7 @@ from curvlake.pipelines.hessian.recovery import (
     MODES,
     SketchBudget,
     budget,
+    check_n_eigs,
     check_sketch_config,
     core_from_projections,
     eigh_core,
@@ -209,6 +210,46 @@ def test_krylov_beats_hmt_at_fewer_hvps_on_a_decaying_spectrum():
         res = sketched_eigh(lambda x: a @ x, D, 10, mode=mode, kind="gaussian", power_iters=q)
         errors[mode] = np.abs(res.eigenvalues[:6] - expected).max() / abs(expected[0])
     assert errors["krylov"] < errors["hmt"] / 10
+
+
+def test_krylov_keeps_more_ritz_pairs_than_its_block():
+    """Blocks of k = 3, depth q = 5: the 18-column basis spans the rank-10 range, so all ten
+    eigenpairs come out exact although each pass applies A to three vectors only."""
+    lam = low_rank_indefinite(D, 10)
+    a, u = symmetric(lam, seed=6)
+    res = sketched_eigh(
+        lambda x: a @ x, D, 3, mode="krylov", kind="gaussian", power_iters=5, n_eigs=10
+    )
+    order = np.argsort(-np.abs(lam), kind="stable")[:10]
+    np.testing.assert_allclose(res.eigenvalues, lam[order], atol=1e-9)
+    overlap = np.linalg.svd(u[:, order].T @ res.eigenvectors, compute_uv=False)
+    np.testing.assert_allclose(overlap, 1, atol=1e-9)
+    assert res.eigenvectors.shape == (D, 10)
+    assert res.budget == budget("krylov", 3, power_iters=5)  # n_eigs costs no HVPs
+
+
+def test_n_eigs_keeps_the_leading_pairs_of_any_mode():
+    a, _ = symmetric(poly_decay(D), seed=2)
+    full = sketched_eigh(lambda x: a @ x, D, 8, mode="hmt", kind="gaussian", power_iters=1)
+    part = sketched_eigh(
+        lambda x: a @ x, D, 8, mode="hmt", kind="gaussian", power_iters=1, n_eigs=3
+    )
+    np.testing.assert_array_equal(part.eigenvalues, full.eigenvalues[:3])
+    np.testing.assert_array_equal(part.eigenvectors, full.eigenvectors[:, :3])
+
+
+@pytest.mark.parametrize(
+    ("mode", "k", "q", "n_eigs", "match"),
+    [
+        ("krylov", 4, 2, 13, r"n_eigs=13 is more eigenpairs than the Krylov basis .* = 12"),
+        ("hmt", 4, 2, 5, r"n_eigs=5 is more eigenpairs than k=4 in mode 'hmt'"),
+        ("recycled", 4, 0, 0, r"n_eigs \(eigenpairs kept\) must be an int >= 1"),
+    ],
+)
+def test_n_eigs_validation(mode, k, q, n_eigs, match):
+    with pytest.raises(UserInputError, match=match):
+        check_n_eigs(mode, k, q, n_eigs)
+    assert check_n_eigs(mode, k, q, None) == k
 
 
 def _row_block_sum(fn, n_rows, block):

@@ -57,6 +57,31 @@ def test_tasks_on_local_cluster_write_owned_chunks(tmp_path, n_workers):
     np.testing.assert_array_equal(progress.array[:], [0, 1, 4, 9, 16, 25])
 
 
+def _malloc_environ():
+    import os
+
+    return {
+        name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    }
+
+
+def test_worker_processes_keep_glibc_buffers_below_32_mib_on_the_heap(monkeypatch):
+    """Dask's trim threshold stays; the mmap threshold is set beside it (engine.WORKER_ENVIRON),
+    and a value configured by the user wins (as does one in the environment: Dask's rule, and
+    Dask's nanny exports the values into this process's environment when it spawns)."""
+    import dask
+
+    with client_session(cluster="local", n_workers=1, threads_per_worker=1) as client:
+        (environ,) = client.run(_malloc_environ).values()
+    assert environ == {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "33554432"}
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    mine = {"MALLOC_MMAP_THRESHOLD_": 1 << 20}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": mine}):
+        with client_session(cluster="local", n_workers=1, threads_per_worker=1) as client:
+            (environ,) = client.run(_malloc_environ).values()
+    assert environ["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+
+
 def test_memory_budget_is_the_workers_total_limit():
     import psutil
 

@@ -24,10 +24,13 @@ computed by least squares with relative cutoff ``rcond`` as skerch does):
   (:func:`extend_krylov_basis`: Householder QR keeps each new block orthogonal to the earlier
   ones to rounding, with no separate Gram-Schmidt pass); every ``A Q_j`` is kept, so the core
   is the Rayleigh-Ritz matrix ``C = Bᵀ (A B)`` of ``B = [Q_0 … Q_q]`` (``(q+1)k`` square, no
-  extra pass) and the ``k`` Ritz pairs of largest ``|λ|`` are returned. ``(q + 2) k`` HVPs in
-  ``q + 2`` passes; the Ritz values converge like Chebyshev polynomials of degree ``q + 1`` in
-  the spectral gap, against ``2q + 1`` powers for HMT's ``(2 + 2q) k`` HVPs, so the same
-  accuracy costs far fewer HVPs (benchmarks/RESULTS.md: 180 HVPs where HMT needs 480).
+  extra pass) and the ``k`` Ritz pairs of largest ``|λ|`` are returned (up to ``(q + 1) k``
+  with ``n_eigs``: a narrow block with a deep recursion is block Lanczos, and the block need
+  not be as wide as the number of eigenpairs wanted). ``(q + 2) k`` HVPs in ``q + 2`` passes;
+  the Ritz values converge like Chebyshev polynomials of degree ``q + 1`` in the spectral gap,
+  against ``2q + 1`` powers for HMT's ``(2 + 2q) k`` HVPs, so the same accuracy costs far fewer
+  HVPs (benchmarks/RESULTS.md: 160 HVPs where HMT needs 480 for the top 20 to 1e-6, and 75
+  with blocks of 5 and 20 Ritz pairs).
 * ``"oversampled"`` (skerch 1.x ``oversampled_h``; Boutsidis, Woodruff & Zhong 2016; Tropp et
   al. 2019 §4): one pass measures ``Y = A Ω`` (``k``) and ``A Ψ`` (``s``), ``Z = Φᵀ A Ψ``
   (``s × s``); ``C = (Φᵀ Q)† Z ((Ψᵀ Q)†)ᵀ``.
@@ -109,6 +112,7 @@ __all__ = [
     "SketchBudget",
     "SketchedEigh",
     "budget",
+    "check_n_eigs",
     "check_sketch_config",
     "core_from_projections",
     "eigh_core",
@@ -205,6 +209,32 @@ def check_sketch_config(
             f"krylov with k={k} and power_iters={power_iters} needs a basis of "
             f"(power_iters + 1) * k = {(power_iters + 1) * k} columns, more than D={dim}"
         )
+
+
+def check_n_eigs(mode: str, k: int, power_iters: int, n_eigs: int | None) -> int:
+    """The number of eigenpairs a decomposition keeps: ``n_eigs``, or ``k`` when ``None``.
+
+    Every mode recovers ``k`` eigenpairs from its rank-``k`` approximation, so ``n_eigs <= k``
+    keeps the leading ones. ``krylov`` runs Rayleigh-Ritz on its whole basis of
+    ``(q + 1) k`` columns, so it can keep up to that many Ritz pairs: a narrow block (a few
+    HVPs per pass) and a deeper recursion then reach many eigenpairs, as Lanczos does with
+    blocks of one.
+
+    Raises:
+        UserInputError: ``n_eigs`` is not a positive int, or more than the mode recovers.
+    """
+    if n_eigs is None:
+        return int(k)
+    n_eigs = _check_int("n_eigs (eigenpairs kept)", n_eigs, 1)
+    most = (power_iters + 1) * k if mode == "krylov" else k
+    if n_eigs > most:
+        where = (
+            f"the Krylov basis of (power_iters + 1) * k = {most} columns"
+            if mode == "krylov"
+            else f"k={k} in mode {mode!r} (only krylov keeps more than k)"
+        )
+        raise UserInputError(f"n_eigs={n_eigs} is more eigenpairs than {where}")
+    return n_eigs
 
 
 def budget(
@@ -690,6 +720,7 @@ def sketched_eigh(
     kind: str = "ssrft",
     seed: int = 0,
     power_iters: int = 0,
+    n_eigs: int | None = None,
     n_probes: int = 0,
     psd: bool = False,
     rcond: float = DEFAULT_RCOND,
@@ -705,18 +736,21 @@ def sketched_eigh(
     Args:
         matmat: ``X (D, b) -> A X (D, b)``.
         dim: ``D``.
-        k: outer sketch size (eigenpairs returned).
+        k: outer sketch size (eigenpairs returned, unless ``n_eigs`` says otherwise).
         mode: one of :data:`MODES` (see the module docstring).
         s: inner sketch size (``oversampled``, ``recycled``).
         kind: test-matrix kind of Ω, Ψ, Φ: ``"gaussian"``, ``"rademacher"`` or ``"ssrft"``.
         seed: seed of all test matrices.
         power_iters: subspace iterations (``hmt``) or the Krylov depth (``krylov``).
+        n_eigs: eigenpairs kept (default ``k``; :func:`check_n_eigs`: up to ``(q + 1) k``
+            for ``krylov``).
         n_probes: Gaussian probes for the a-posteriori error estimate (0: none).
         psd: ``nystrom``: the stabilized PSD algorithm (shift ``ν``, Cholesky, clipping).
         rcond: relative cutoff of the least-squares solves.
         dtype: dtype of the test matrices and sketches.
     """
     check_sketch_config(mode, k, s, power_iters, dim)
+    n_eigs = check_n_eigs(mode, k, power_iters, n_eigs)
     if kind not in KINDS:
         raise UserInputError(f"unknown test-matrix kind {kind!r}: use one of {list(KINDS)}")
     n_probes = _check_int("n_probes", n_probes, 0)
@@ -760,8 +794,7 @@ def sketched_eigh(
             blocks.append(extend_krylov_basis(xp.concatenate(blocks, axis=1), images[-1]))
             images.append(apply(blocks[-1]))
         q = xp.concatenate(blocks, axis=1)
-        ritz = core_from_projections(mode, qt_aq=project(q, xp.concatenate(images, axis=1)))
-        solution = CoreSolution(ritz.eigenvalues[:k], ritz.rotation[:, :k])
+        solution = core_from_projections(mode, qt_aq=project(q, xp.concatenate(images, axis=1)))
     elif mode in _INNER_MODES:
         a_psi = sketch[:, k:] if mode == "oversampled" else sketch
         y = sketch[:, :k]
@@ -792,6 +825,7 @@ def sketched_eigh(
             psd=psd,
             rcond=rcond,
         )
+    solution = CoreSolution(solution.eigenvalues[:n_eigs], solution.rotation[:, :n_eigs])
     u = q @ solution.rotation.astype(q.dtype)
     error = None
     if probes is not None:

@@ -10,7 +10,8 @@ Dask, with the small part in memory:
 2. The projections the mode needs, as row-block map-reduces (SSRFT: a transform per block of
    whole columns): ``Φᵀ Q`` and ``Ψᵀ Q`` (recycled, oversampled), ``Ωᵀ Q`` (singlepass),
    ``Ωᵀ Y`` (nystrom), ``Qᵀ (A Q)`` (hmt; krylov: ``Bᵀ (A B)`` of its whole stored basis,
-   whose ``k`` Ritz pairs of largest ``|λ|`` are kept), and ``Qᵀ Ω_p`` for the error probes.
+   whose ``n_eigs`` Ritz pairs of largest ``|λ|`` are kept, ``k`` by default), and ``Qᵀ Ω_p``
+   for the error probes.
 3. The core in float64, symmetrized, diagonalized, ordered by ``|λ|``
    (:func:`~curvlake.pipelines.hessian.recovery.core_from_projections`).
 4. ``U = Q W``, stored row block by row block, each eigenvector signed so that its entry of
@@ -54,6 +55,7 @@ from curvlake.pipelines.hessian._tall import (
 )
 from curvlake.pipelines.hessian.recovery import (
     DEFAULT_RCOND,
+    check_n_eigs,
     core_from_projections,
     error_tail_bounds,
     finalize_error_estimate,
@@ -170,8 +172,11 @@ def _error_summary(eigenvalues: np.ndarray, partials: Any, n_probes: int) -> dic
     }
 
 
-def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float) -> dict:
-    """The solve (module docstring, steps 1-4); returns the error summary."""
+def _solve_into(
+    writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float, n_eigs: int
+) -> dict:
+    """The solve (module docstring, steps 1-4), keeping ``n_eigs`` eigenpairs; returns the
+    error summary."""
     group = lake.group(sketch_id)
     attrs = dict(group.attrs)
     ds = lake.open(sketch_id)
@@ -220,7 +225,7 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
         omega_t_q=small.get("omega_t_q"),
         rcond=rcond,
     )
-    rotation, lam = solution.rotation[:, :k], solution.eigenvalues[:k]
+    rotation, lam = solution.rotation[:, :n_eigs], solution.eigenvalues[:n_eigs]
     follow = {"signs": sign_convention(q_tall, rotation)}
     if q:
         coef = rotation.T @ small["qt_probes"]
@@ -233,7 +238,7 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
         )
     (done,) = dask.compute(follow)
     rotation = rotation * done["signs"]
-    target = writer.create_array("eigenvectors", (dim, k), dtype, chunks=(rows, k))
+    target = writer.create_array("eigenvectors", (dim, n_eigs), dtype, chunks=(rows, n_eigs))
     store_rotated(q_tall, rotation, target)
     summary = (
         _error_summary(lam, done["partials"], q)
@@ -251,7 +256,8 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
         method="sketch",
         recovery=mode,
         noise=attrs["noise"],
-        k=k,
+        k=n_eigs,
+        outer=k,
         s=attrs.get("s"),
         power_iters=attrs.get("power_iters", 0),
         n_probes=q,
@@ -273,26 +279,39 @@ def _solve_into(writer: ArtifactWriter, lake: Lake, sketch_id: str, rcond: float
     return summary
 
 
-@validate_params({"rcond": _RCOND})
-def run_hessian_solve(lake: Lake | str, sketch_id: str, *, rcond: float = DEFAULT_RCOND) -> str:
+@validate_params({"rcond": _RCOND, "n_eigs": [None, *POSITIVE_INT]})
+def run_hessian_solve(
+    lake: Lake | str,
+    sketch_id: str,
+    *,
+    rcond: float = DEFAULT_RCOND,
+    n_eigs: int | None = None,
+) -> str:
     """Solve a ``hessian_sketch`` into a ``hessian_eigs`` artifact (module docstring).
 
     Args:
         lake: the lake (or its URL).
         sketch_id: a complete ``hessian_sketch``.
         rcond: relative singular-value cutoff of the core's least-squares solves.
+        n_eigs: eigenpairs kept (default: the sketch's ``k``; ``krylov`` sketches keep up to
+            ``(power_iters + 1) k`` Ritz pairs, the other modes at most ``k``).
 
     Returns:
-        The ``hessian_eigs`` id (a function of the sketch and ``rcond``).
+        The ``hessian_eigs`` id (a function of the sketch, ``rcond`` and ``n_eigs``).
     """
     lake = as_lake(lake)
     require_artifact(lake, sketch_id, "hessian_sketch", role="sketch")
-    config = {"method": "sketch", "rcond": float(rcond)}
+    attrs = lake.group(sketch_id).attrs
+    k = int(attrs["k"])
+    n_eigs = check_n_eigs(attrs["recovery"], k, int(attrs.get("power_iters") or 0), n_eigs)
+    config: dict[str, Any] = {"method": "sketch", "rcond": float(rcond)}
+    if n_eigs != k:  # the default keeps the ids of earlier solves
+        config["n_eigs"] = n_eigs
     writer = lake.begin("hessian_eigs", config, [sketch_id])
     if writer.complete:
         return writer.id
     with writer:
-        _solve_into(writer, lake, sketch_id, float(rcond))
+        _solve_into(writer, lake, sketch_id, float(rcond), n_eigs)
     return writer.commit()
 
 
@@ -430,6 +449,7 @@ def _run_exact(
         "k": POSITIVE_INT,
         "s": [None, *POSITIVE_INT],
         "power_iters": [None, Interval(int, 0, None)],
+        "n_eigs": [None, *POSITIVE_INT],
         "probes": [None, Interval(int, 0, None)],
         "seed": [None, *SEED],
         "block_size": [None, *POSITIVE_INT],
@@ -453,6 +473,7 @@ def run_hessian_eig(
     recovery: str | None = None,
     noise: str | None = None,
     power_iters: int | None = None,
+    n_eigs: int | None = None,
     probes: int | None = None,
     seed: int | None = None,
     block_size: int | None = None,
@@ -468,7 +489,8 @@ def run_hessian_eig(
     options; ``recovery`` default ``recycled``, ``noise`` default ``ssrft``, ``seed``
     default 0) then :func:`run_hessian_solve`. ``method="exact"``: the dense Hessian
     (at most :data:`EXACT_MAX_PARAMS` parameters); the sketch options are refused, ``seed``
-    only draws a ``balanced`` subset.
+    only draws a ``balanced`` subset. ``n_eigs``: eigenpairs kept by the solve
+    (:func:`run_hessian_solve`; checked before the sketch starts).
 
     Returns:
         The ``hessian_eigs`` id.
@@ -481,6 +503,7 @@ def run_hessian_eig(
             noise=noise,
             s=s,
             power_iters=power_iters,
+            n_eigs=n_eigs,
             probes=probes,
             rcond=rcond,
         )
@@ -499,6 +522,7 @@ def run_hessian_eig(
             dtype=dtype,
             progress=progress,
         )
+    check_n_eigs(recovery or "recycled", k, power_iters or 0, n_eigs)
     sketch_id = run_hessian_sketch(
         lake,
         run_id,
@@ -519,7 +543,9 @@ def run_hessian_eig(
         dtype=dtype,
         progress=progress,
     )
-    return run_hessian_solve(lake, sketch_id, rcond=DEFAULT_RCOND if rcond is None else rcond)
+    return run_hessian_solve(
+        lake, sketch_id, rcond=DEFAULT_RCOND if rcond is None else rcond, n_eigs=n_eigs
+    )
 
 
 def run_hessian_eig_checkpoints(
