@@ -72,10 +72,13 @@ def test_tree_is_bit_identical_to_merge_moments():
 # -- the recorder -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", ["channelwise", "mean", "max", "flatten"])
-def test_recorder_moments_equal_np_cov_over_the_epoch(method):
+def test_recorder_moments_equal_np_cov_over_the_epoch(method, dtype):
+    """Also: the layers' outputs are left as they were (the recorder centres only copies of
+    its own in place), whatever the model's dtype."""
     torch.manual_seed(0)
-    model = TinyCNN().double().eval()
+    model = TinyCNN().to(dtype).eval()
     recorder = SaturationRecorder(
         model, conv_method=method, phases={"train": "train", "eval:test": "eval"}
     )
@@ -85,7 +88,7 @@ def test_recorder_moments_equal_np_cov_over_the_epoch(method):
             lambda m, i, out, name=name: outputs[name].append(out.detach())
         )
     recorder.start_epoch(0)
-    x = torch.randn(23, 3, 6, 6, dtype=torch.float64) * 3 + 1e3
+    x = (torch.randn(23, 3, 6, 6, dtype=torch.float64) * 3 + 1e3).to(dtype)
     with attach(model, [recorder], "train"), torch.no_grad():
         for start in range(0, 23, 5):
             model(x[start : start + 5])
@@ -93,11 +96,17 @@ def test_recorder_moments_equal_np_cov_over_the_epoch(method):
         model(x)  # ignored: not a tracked phase
     recorder.end_epoch(0)
     assert set(recorder.moments) == {("train", name) for name in outputs}
+    with torch.no_grad():
+        model(x[:5])  # the outputs of the first batch again, no recorder attached
     for name, parts in outputs.items():
-        rows = conv_features(torch.cat(parts[:5]), method).numpy()
-        cov = recorder.moments[("train", name)].covariance(ddof=0)
-        np.testing.assert_allclose(cov, np.cov(rows, rowvar=False, ddof=0), rtol=1e-9, atol=1e-9)
-        assert recorder.moments[("train", name)].count == len(rows)
+        torch.testing.assert_close(parts[-1], parts[0], rtol=0, atol=0)
+        rows = conv_features(torch.cat(parts[:5]), method).double().numpy()
+        moments = recorder.moments[("train", name)]
+        np.testing.assert_allclose(
+            moments.covariance(ddof=0), np.cov(rows, rowvar=False, ddof=0), rtol=1e-9, atol=1e-9
+        )
+        np.testing.assert_allclose(moments.mean, rows.mean(axis=0), rtol=1e-12)
+        assert moments.count == len(rows)
 
 
 def test_recurrent_output_gives_its_last_time_step():

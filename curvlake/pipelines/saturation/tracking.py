@@ -134,8 +134,14 @@ class SaturationRecorder(Recorder):
         if stored is None:
             return
         observations = layer_observations(features, self.modules.get(layer), self.conv_method)
+        # a reshaped or cast copy in storage of its own is ours to centre in place
+        scratch = (
+            isinstance(observations, torch.Tensor)
+            and observations.dtype == torch.float64
+            and observations.untyped_storage().data_ptr() != features.untyped_storage().data_ptr()
+        )
         self._trees.setdefault((stored, layer), MomentsTree()).push(
-            Moments.from_batch(observations)
+            Moments.from_batch(observations, scratch=scratch)
         )
 
     def end_epoch(self, epoch: int) -> None:
