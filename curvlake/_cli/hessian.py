@@ -151,7 +151,8 @@ def _summary(lake, artifact: str) -> str:
     if artifact.startswith("hessian_eigs"):
         values = ", ".join(f"{v:.4g}" for v in ds["eigenvalues"].values[:3])
         error, how = attrs.get("rel_err"), "" if attrs["method"] == "exact" else "estimated "
-        error = "" if error is None else f", {how}relative error of the rank-k part {error:.2g}"
+        rank = f"rank-{attrs['k']}"
+        error = "" if error is None else f", {how}relative error of the {rank} part {error:.2g}"
         return f"{attrs['method']}: top-{attrs['k']} eigenvalues {values}, ...{error}; {where}"
     return (
         f"overlap at k'={attrs['k']}: {ds['overlap'].values[-1]:.4f} (random mask "

@@ -142,6 +142,7 @@ def test_cli_eig_overlap_plot_and_one_line_errors(setup, tmp_path):
     result, sketches = _cli(lake, "sketch", *common, *krylov)
     result, solved = _cli(lake, "solve", *sketches, "--eigs", "10")
     assert result.exit_code == 0 and "top-10 eigenvalues" in result.stdout
+    assert "estimated relative error of the rank-10 part" in result.stdout
     result, _ = _cli(lake, "solve", *sketches, "--eigs", "13")
     assert result.exit_code == 1 and "n_eigs=13 is more eigenpairs than the Krylov" in result.output
     result, _ = _cli(lake, "eig", *common, "--recovery", "hmt", "--inner", "8")
