@@ -8,13 +8,16 @@ calling process (``cluster="sync"``, for debugging and tiny jobs).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,26 +27,6 @@ from curvlake.errors import UserInputError
 from curvlake.progress import progress_bar
 
 CLUSTERS = ("auto", "local", "cuda", "slurm", "sync")
-
-#: Environment variables of the worker processes curvlake starts, added to Dask's
-#: ``distributed.nanny.pre-spawn-environ`` (a value configured there, or set in the
-#: environment, wins). Dask sets glibc's ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand
-#: freed memory back to the OS; setting any malloc threshold also pins glibc's mmap threshold
-#: at 128 KiB (it no longer adapts), so every buffer above 128 KiB, i.e. every activation of a
-#: forward pass, is a fresh ``mmap`` faulted in page by page and unmapped after use: torch's
-#: HVPs of a small CNN ran 1.44x slower in a worker than in the calling process
-#: (benchmarks/RESULTS.md, Hessian part 5). 32 MiB is glibc's own adaptive maximum (64-bit):
-#: buffers below it come from the heap, whose free top the trim threshold still returns;
-#: larger ones are still mapped and unmapped.
-WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
-
-
-@contextlib.contextmanager
-def _worker_environ() -> Iterator[None]:
-    """Dask's pre-spawn environment plus :data:`WORKER_ENVIRON`, while a cluster starts."""
-    configured = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**WORKER_ENVIRON, **configured}}):
-        yield
 
 
 def _gpu_count() -> int:
@@ -108,28 +91,23 @@ def get_client(
             )
         from dask_cuda import LocalCUDACluster
 
-        with _worker_environ():
-            cuda = LocalCUDACluster(
-                threads_per_worker=1,
-                resources={"GPU": 1},
-                memory_limit=memory_limit,
-                **cluster_kwargs,
-            )
+        cuda = LocalCUDACluster(
+            threads_per_worker=1, resources={"GPU": 1}, memory_limit=memory_limit, **cluster_kwargs
+        )
         return Client(cuda)
     cores = os.cpu_count() or 1
     n_workers = n_workers or max(1, min(cores, 4))
     threads_per_worker = threads_per_worker or max(1, cores // n_workers)
-    with _worker_environ():
-        local = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            processes=cluster_kwargs.pop("processes", True),
-            memory_limit=memory_limit,
-            # A free port: a fixed one warns "port in use" whenever two commands run at once.
-            dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"),
-            silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
-            **cluster_kwargs,
-        )
+    local = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=cluster_kwargs.pop("processes", True),
+        memory_limit=memory_limit,
+        # A free port: a fixed one warns "port in use" whenever two commands run at once.
+        dashboard_address=cluster_kwargs.pop("dashboard_address", ":0"),
+        silence_logs=cluster_kwargs.pop("silence_logs", logging.ERROR),
+        **cluster_kwargs,
+    )
     return Client(local)
 
 
@@ -288,19 +266,6 @@ def slurm_cluster_kwargs(
     if local_directory is not None:
         kwargs["local_directory"] = local_directory
     kwargs.update(extra)
-    # The workers' environment (WORKER_ENVIRON) is exported by the job script, after the
-    # prologue given or configured (passing one replaces the configured one), unless it
-    # exports those variables itself.
-    prologue = list(
-        extra.get("job_script_prologue")
-        or dask.config.get("jobqueue.slurm.job-script-prologue", None)
-        or []
-    )
-    kwargs["job_script_prologue"] = prologue + [
-        f"export {name}={value}"
-        for name, value in WORKER_ENVIRON.items()
-        if not any(line.strip().startswith(f"export {name}=") for line in prologue)
-    ]
     # Passing scheduler_options replaces the configured ones: merge them instead. A free
     # dashboard port, as for local clusters: a fixed one clashes when two commands run.
     kwargs["scheduler_options"] = {
@@ -602,6 +567,72 @@ def memory_budget() -> int:
     return int(limited + len(unlimited_hosts) * psutil.virtual_memory().total)
 
 
+# -- the allocator of task code in Dask workers -----------------------------------------------
+
+#: glibc's ``mallopt`` parameter of the mmap threshold.
+_M_MMAP_THRESHOLD = -3
+#: glibc's default mmap threshold, where it stays when any ``MALLOC_*`` threshold is set.
+_GLIBC_MMAP_THRESHOLD = 128 << 10
+#: The mmap threshold while curvlake tasks run in a worker: glibc's own adaptive maximum.
+TASK_MMAP_THRESHOLD = 32 << 20
+# Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (so that they give
+# freed memory back); setting any malloc threshold also pins glibc's mmap threshold at 128 KiB,
+# so every buffer above that, e.g. each activation of a forward pass, is a fresh ``mmap``
+# faulted in page by page and unmapped after use (torch's HVPs of a small CNN: 1.4x slower in
+# a worker than in process, benchmarks/RESULTS.md). Read when this module is imported: in a
+# worker the variable is already set, in the process that starts a LocalCluster it is not
+# (the nanny exports it there afterwards, but that process's allocator never saw it).
+_PINNED_MALLOC = (
+    "MALLOC_TRIM_THRESHOLD_" in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+)
+_task_lock = threading.Lock()
+_tasks_running = 0
+
+
+def _libc() -> Any:
+    """glibc, where its allocator was pinned as above; None elsewhere (macOS, musl, sync)."""
+    if not _PINNED_MALLOC:
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def task_allocations() -> Iterator[None]:
+    """While curvlake tasks run in a Dask worker, buffers below :data:`TASK_MMAP_THRESHOLD`
+    come from the heap (reused between batches) instead of fresh mappings; when the last
+    running task of the process ends, the threshold goes back to 128 KiB and
+    ``malloc_trim(0)`` hands the freed heap back, so a worker's memory between tasks is what
+    Dask's setting gives. Setting the variable for the whole worker instead keeps freed heap
+    memory resident, and a memory-limited worker then stays paused (seen: the probes
+    out-of-core benchmark stalled at 80 % of its limit). No-op outside such workers."""
+    global _tasks_running
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    with _task_lock:
+        if _tasks_running == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, TASK_MMAP_THRESHOLD)
+        _tasks_running += 1
+    try:
+        yield
+    finally:
+        with _task_lock:
+            _tasks_running -= 1
+            if _tasks_running == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+                libc.malloc_trim(0)
+
+
+def _run_task(function: Callable[..., Any], *args: Any) -> Any:
+    with task_allocations():
+        return function(*args)
+
+
 def run_tasks(
     function: Callable[..., Any],
     tasks: Sequence[tuple],
@@ -615,7 +646,8 @@ def run_tasks(
 
     Without a client they run here, in order. Each task writes its own (owned) chunks and marks
     its progress block itself, so an interruption loses at most the tasks in flight.
-    ``on_result(args, result)`` is called in this process as results arrive. ``resources``
+    ``on_result(args, result)`` is called in this process as results arrive; in workers the
+    tasks run under :func:`task_allocations`. ``resources``
     default: ``{"GPU": 1}`` on a cluster whose workers advertise GPUs (dask-cuda, or workers
     started with ``--resources GPU=1``), so each task holds one GPU; none otherwise.
     """
@@ -635,8 +667,12 @@ def run_tasks(
             return
         from distributed import as_completed
 
+        name = getattr(function, "__name__", "task")
         futures = {
-            client.submit(function, *args, pure=False, resources=resources): args for args in tasks
+            client.submit(
+                _run_task, function, *args, key=f"{name}-{uuid.uuid4().hex}", resources=resources
+            ): args
+            for args in tasks
         }
         for future in as_completed(futures):
             result = future.result()

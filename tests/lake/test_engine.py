@@ -57,29 +57,51 @@ def test_tasks_on_local_cluster_write_owned_chunks(tmp_path, n_workers):
     np.testing.assert_array_equal(progress.array[:], [0, 1, 4, 9, 16, 25])
 
 
-def _malloc_environ():
-    import os
+class _Libc:
+    """Records the allocator calls of ``engine.task_allocations``."""
 
-    return {
-        name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
-    }
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
 
 
-def test_worker_processes_keep_glibc_buffers_below_32_mib_on_the_heap(monkeypatch):
-    """Dask's trim threshold stays; the mmap threshold is set beside it (engine.WORKER_ENVIRON),
-    and a value configured by the user wins (as does one in the environment: Dask's rule, and
-    Dask's nanny exports the values into this process's environment when it spawns)."""
-    import dask
+def test_task_allocations_hold_the_threshold_while_any_task_runs(monkeypatch):
+    from curvlake import engine
 
+    libc = _Libc()
+    monkeypatch.setattr(engine, "_libc", lambda: libc)
+    with engine.task_allocations():
+        with engine.task_allocations():  # a second task thread of the same worker
+            pass
+        assert libc.calls == [("mallopt", -3, 32 << 20)]
+    assert libc.calls[1:] == [("mallopt", -3, 128 << 10), ("malloc_trim", 0)]
+    with pytest.raises(ValueError), engine.task_allocations():
+        raise ValueError("a failing task restores the threshold too")
+    assert libc.calls[-2:] == [("mallopt", -3, 128 << 10), ("malloc_trim", 0)]
+    assert engine._tasks_running == 0
+
+
+def _pinned():
+    from curvlake import engine
+
+    return engine._PINNED_MALLOC, engine._libc() is not None
+
+
+def test_worker_processes_see_dasks_pinned_allocator_and_this_process_does_not():
+    import sys
+
+    from curvlake import engine
+
+    assert engine._libc() is None  # this process's allocator adapts: nothing to change
     with client_session(cluster="local", n_workers=1, threads_per_worker=1) as client:
-        (environ,) = client.run(_malloc_environ).values()
-    assert environ == {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "33554432"}
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    mine = {"MALLOC_MMAP_THRESHOLD_": 1 << 20}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": mine}):
-        with client_session(cluster="local", n_workers=1, threads_per_worker=1) as client:
-            (environ,) = client.run(_malloc_environ).values()
-    assert environ["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+        (pinned,) = client.run(_pinned).values()
+        assert client.submit(_pinned, pure=False).result() == pinned
+    assert pinned == (True, sys.platform.startswith("linux"))
 
 
 def test_memory_budget_is_the_workers_total_limit():

@@ -157,7 +157,6 @@ def test_kwargs_carry_the_options(dask_config_dir):
         "local_directory": "$TMPDIR",
         "log_directory": "logs",
         "scheduler_options": {"dashboard_address": ":0"},
-        "job_script_prologue": ["export MALLOC_MMAP_THRESHOLD_=33554432"],
     }
 
 
@@ -168,8 +167,7 @@ def test_options_override_the_config_file(dask_config_dir):
     )
     _refresh(dask_config_dir)
     assert slurm_cluster_kwargs() == {
-        "scheduler_options": {"dashboard_address": ":0", "host": "127.0.0.1"},
-        "job_script_prologue": ["export MALLOC_MMAP_THRESHOLD_=33554432"],
+        "scheduler_options": {"dashboard_address": ":0", "host": "127.0.0.1"}
     }
     kwargs = slurm_cluster_kwargs(account="from-option", scheduler_options={"port": 0})
     assert kwargs["account"] == "from-option" and "cores" not in kwargs
@@ -235,20 +233,6 @@ def test_cli_refuses_slurm_options_elsewhere_and_missing_settings(tmp_path, dask
 
 
 # -- dask-jobqueue: the job script, and failures to start --------------------------------------
-
-
-def test_job_script_exports_the_worker_environment_after_the_prologue(dask_config_dir):
-    (dask_config_dir / "jobqueue.yaml").write_text(
-        "jobqueue:\n  slurm:\n    cores: 2\n    memory: 4GB\n"
-        "    job-script-prologue: ['module load cuda']\n"
-    )
-    _refresh(dask_config_dir)
-    assert slurm_cluster_kwargs()["job_script_prologue"] == [
-        "module load cuda",
-        "export MALLOC_MMAP_THRESHOLD_=33554432",
-    ]
-    mine = ["source env/bin/activate", "export MALLOC_MMAP_THRESHOLD_=0"]
-    assert slurm_cluster_kwargs(job_script_prologue=mine)["job_script_prologue"] == mine
 
 
 def test_job_script_carries_the_options(dask_config_dir):
