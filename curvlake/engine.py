@@ -603,10 +603,10 @@ def _libc() -> Any:
 @contextlib.contextmanager
 def task_allocations() -> Iterator[None]:
     """While curvlake tasks run in a Dask worker, buffers below :data:`TASK_MMAP_THRESHOLD`
-    come from the heap (reused between batches) instead of fresh mappings; when the last
-    running task of the process ends, the threshold goes back to 128 KiB and
-    ``malloc_trim(0)`` hands the freed heap back, so a worker's memory between tasks is what
-    Dask's setting gives. Setting the variable for the whole worker instead keeps freed heap
+    come from the heap (reused between batches) instead of fresh mappings; every task ends
+    with ``malloc_trim(0)``, which hands the freed heap back, and when the last running task
+    of the process ends the threshold goes back to 128 KiB, so a worker's memory between tasks
+    is what Dask's setting gives. Setting the variable for the whole worker instead keeps freed heap
     memory resident, and a memory-limited worker then stays paused (seen: the probes
     out-of-core benchmark stalled at 80 % of its limit). No-op outside such workers."""
     global _tasks_running
@@ -625,7 +625,9 @@ def task_allocations() -> Iterator[None]:
             _tasks_running -= 1
             if _tasks_running == 0:
                 libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
-                libc.malloc_trim(0)
+        # after every task, also while others run (threads of one worker overlap): what this
+        # task freed goes back to the OS before the worker's memory is next measured
+        libc.malloc_trim(0)
 
 
 def _run_task(function: Callable[..., Any], *args: Any) -> Any:
