@@ -606,9 +606,9 @@ def task_allocations() -> Iterator[None]:
     come from the heap (reused between batches) instead of fresh mappings; every task ends
     with ``malloc_trim(0)``, which hands the freed heap back, and when the last running task
     of the process ends the threshold goes back to 128 KiB, so a worker's memory between tasks
-    is what Dask's setting gives. Setting the variable for the whole worker instead keeps freed heap
-    memory resident, and a memory-limited worker then stays paused (seen: the probes
-    out-of-core benchmark stalled at 80 % of its limit). No-op outside such workers."""
+    is what Dask's setting gives. Setting the variable for the whole worker instead keeps
+    freed heap memory resident, and a memory-limited worker then stays paused (seen: the
+    probes out-of-core benchmark stalled at 80 % of its limit). No-op outside such workers."""
     global _tasks_running
     libc = _libc()
     if libc is None:

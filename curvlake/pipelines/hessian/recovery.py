@@ -29,8 +29,8 @@ computed by least squares with relative cutoff ``rcond`` as skerch does):
   not be as wide as the number of eigenpairs wanted). ``(q + 2) k`` HVPs in ``q + 2`` passes;
   the Ritz values converge like Chebyshev polynomials of degree ``q + 1`` in the spectral gap,
   against ``2q + 1`` powers for HMT's ``(2 + 2q) k`` HVPs, so the same accuracy costs far fewer
-  HVPs (benchmarks/RESULTS.md: 160 HVPs where HMT needs 480 for the top 20 to 1e-6, and 75
-  with blocks of 5 and 20 Ritz pairs).
+  HVPs (benchmarks/RESULTS.md: 160 HVPs where HMT needs 320-480 for the top 20 to 1e-6, and
+  100-128 with blocks of 10-16 keeping 20 Ritz pairs).
 * ``"oversampled"`` (skerch 1.x ``oversampled_h``; Boutsidis, Woodruff & Zhong 2016; Tropp et
   al. 2019 §4): one pass measures ``Y = A Ω`` (``k``) and ``A Ψ`` (``s``), ``Z = Φᵀ A Ψ``
   (``s × s``); ``C = (Φᵀ Q)† Z ((Ψᵀ Q)†)ᵀ``.
